@@ -1,0 +1,1 @@
+"""Critics over (state, noise) and (state, action chunk): FASTER's Q^dn and EXPO's Q^a."""
