@@ -34,8 +34,10 @@ GEMMA_VARIANTS: dict[str, GemmaConfig] = {
 }
 
 
-def get_gemma_config(variant: str) -> GemmaConfig:
-    """Resolves a Gemma variant name; unknown names fail with the list of known ones."""
+def get_gemma_config(variant: str | GemmaConfig) -> GemmaConfig:
+    """Resolves a Gemma variant (a name, or a GemmaConfig for custom sizes); unknown names list the known."""
+    if isinstance(variant, GemmaConfig):
+        return variant
     try:
         return GEMMA_VARIANTS[variant]
     except KeyError:
@@ -66,8 +68,9 @@ IMAGE_KEYS: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_
 class Pi05Config:
     """π0.5 as openpi's `Pi0Config(pi05=True)`; defaults are openpi's, `PI05_LIBERO` is the released model."""
 
-    paligemma_variant: str = "gemma_2b"
-    action_expert_variant: str = "gemma_300m"
+    # A named variant (see GEMMA_VARIANTS) or a GemmaConfig for custom sizes (e.g. small pretraining).
+    paligemma_variant: str | GemmaConfig = "gemma_2b"
+    action_expert_variant: str | GemmaConfig = "gemma_300m"
     action_dim: int = 32
     action_horizon: int = 50
     max_token_len: int = 200

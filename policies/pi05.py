@@ -303,7 +303,21 @@ class Pi05Actor:
             trajectory = Trajectory(x_t=jnp.concatenate([history, x_0[None]]), t=jnp.asarray(times[start_step:]))
             return x_0, trajectory
 
-        def loss(params: Params, obs: Observation, actions: jax.Array, noise: jax.Array, time: jax.Array) -> jax.Array:
+        def loss(
+            params: Params,
+            obs: Observation,
+            actions: jax.Array,
+            noise: jax.Array | None,
+            time: jax.Array | None,
+            rng: jax.Array | None,
+        ) -> jax.Array:
+            if noise is None or time is None:
+                # Drawn inside the compiled function, as openpi does: jit and eager differ in the last ulp.
+                _, noise_rng, time_rng = jax.random.split(rng, 3)
+                if noise is None:
+                    noise = jax.random.normal(noise_rng, actions.shape)
+                if time is None:
+                    time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
             t = time[..., None, None]
             x_t = t * noise + (1 - t) * actions
             v_t = module.apply({"params": params}, obs, x_t, time, method=Pi05Module.joint_velocity)
@@ -425,27 +439,38 @@ class Pi05Actor:
         time: jax.Array | None = None,
         rng: jax.Array | None = None,
     ) -> jax.Array:
-        """openpi's flow-matching loss [b, horizon] (train=False: no image augmentation).
+        """openpi's flow-matching loss [b, horizon] with the actor's (frozen) parameters; train=False.
 
         Give `noise` and `time` to fix them, or `rng` to draw them as openpi does (split into preprocess,
-        noise and time keys; t ~ Beta(1.5, 1) * 0.999 + 0.001).
+        noise and time keys; t ~ Beta(1.5, 1) * 0.999 + 0.001). No image augmentation is applied.
         """
+        return self._call_loss(self._frozen_loss, self.params, obs, actions, noise, time, rng)
+
+    def loss(
+        self,
+        params: Params,
+        obs: Observation,
+        actions: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        time: jax.Array | None = None,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """`compute_loss` as a differentiable function of `params` (for fine-tuning the actor)."""
+        return self._call_loss(self._loss, params, obs, actions, noise, time, rng)
+
+    def _call_loss(self, fn, params, obs, actions, noise, time, rng) -> jax.Array:
         obs = self.prepare(obs)
         actions = self._check_noise(actions, (obs.state.shape[0],), "actions")
-        if noise is None or time is None:
-            if rng is None:
-                raise ValueError("compute_loss needs `noise` and `time`, or `rng` to draw them")
-            _, noise_rng, time_rng = jax.random.split(rng, 3)
-            noise = jax.random.normal(noise_rng, actions.shape) if noise is None else noise
-            if time is None:
-                time = jax.random.beta(time_rng, 1.5, 1, actions.shape[:-2]) * 0.999 + 0.001
-        noise = self._check_noise(noise, actions.shape[:-2], "noise")
-        time = jnp.asarray(time, jnp.float32)
-        return self._frozen_loss(self.params, obs, actions, noise, time)
-
-    def loss(self, params: Params, obs: Observation, actions: jax.Array, noise: jax.Array, time: jax.Array) -> jax.Array:
-        """Differentiable flow-matching loss [b, horizon] w.r.t. `params` (for fine-tuning the actor)."""
-        return self._loss(params, self.prepare(obs), actions, noise, jnp.asarray(time, jnp.float32))
+        if (noise is None or time is None) and rng is None:
+            raise ValueError("the loss needs `noise` and `time`, or `rng` to draw what is missing")
+        if noise is not None:
+            noise = self._check_noise(noise, actions.shape[:-2], "noise")
+        if time is not None:
+            time = jnp.asarray(time, jnp.float32)
+            if time.shape != actions.shape[:-2]:
+                raise ValueError(f"time must have shape {actions.shape[:-2]} (one per example), got {time.shape}")
+        return fn(params, obs, actions, noise, time, rng)
 
 
 def load_openpi(config: Pi05Config, path: str | pathlib.Path, *, trainable: bool = False) -> Pi05Actor:
