@@ -1,0 +1,95 @@
+"""PaliGemma prompt tokenisation exactly as openpi's `PaligemmaTokenizer` formats π0.5 prompts.
+
+Two formats, chosen by whether a state is given:
+- with state (π0.5 `discrete_state_input=True`): BOS + "Task: {prompt}, State: {bins};\\nAction: ", where the
+  state (already normalised to [-1, 1]) is discretised into 256 bins;
+- without state (pi05_libero): BOS + prompt, then "\\n" encoded separately as the start-of-answer token.
+Tokens are right-padded with 0 (and mask False) or truncated to `max_len`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"
+_NUM_STATE_BINS = 256
+# Left edges of the 256 bins on [-1, 1] (the right edge 1.0 itself is not an edge, as in openpi).
+_STATE_BIN_EDGES = np.linspace(-1.0, 1.0, _NUM_STATE_BINS + 1)[:-1]
+
+
+def default_tokenizer_path() -> Path:
+    """Where openpi caches the PaliGemma tokenizer: $OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model."""
+    cache_dir = Path(os.getenv("OPENPI_DATA_HOME", "~/.cache/openpi")).expanduser().resolve()
+    return cache_dir / "big_vision" / "paligemma_tokenizer.model"
+
+
+def discretize_state(state: np.ndarray) -> np.ndarray:
+    """state float[d] in [-1, 1] -> int64[d] bins in [0, 255]; values below -1 give -1, like openpi."""
+    return np.digitize(np.asarray(state), bins=_STATE_BIN_EDGES) - 1
+
+
+def clean_prompt(prompt: str) -> str:
+    """openpi's prompt cleaning: strip, then '_' and newlines become spaces (case is kept)."""
+    return prompt.strip().replace("_", " ").replace("\n", " ")
+
+
+class PaligemmaTokenizer:
+    """Sentencepiece PaliGemma tokenizer producing fixed-length (tokens, mask) pairs for π0.5."""
+
+    def __init__(self, path: str | Path | None = None, max_len: int = 200) -> None:
+        if max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        model_path = Path(path).expanduser() if path is not None else default_tokenizer_path()
+        if not model_path.is_file():
+            raise FileNotFoundError(
+                f"PaliGemma tokenizer model not found at {model_path}. It is {TOKENIZER_URL}, which openpi "
+                f"downloads into {default_tokenizer_path()} ($OPENPI_DATA_HOME, default ~/.cache/openpi); "
+                "copy it there or pass an explicit path."
+            )
+        self._path = model_path
+        self._max_len = max_len
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_path.read_bytes())
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """prompt (+ optional normalised state float[d]) -> (tokens int32[max_len], mask bool[max_len])."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        text = clean_prompt(prompt)
+        if state is not None:
+            state = np.asarray(state)
+            if state.ndim != 1:
+                raise ValueError(f"state must be 1-D (one observation), got shape {state.shape}")
+            bins = " ".join(str(int(b)) for b in discretize_state(state))
+            tokens = self._sp.encode(f"Task: {text}, State: {bins};\nAction: ", add_bos=True)
+        else:
+            tokens = self._sp.encode(text, add_bos=True) + self._sp.encode("\n")
+
+        n = len(tokens)
+        if n > self._max_len:
+            logger.warning(
+                "Token length (%d) exceeds max length (%d), truncating; consider a larger max_token_len.",
+                n,
+                self._max_len,
+            )
+            tokens = tokens[: self._max_len]
+            n = self._max_len
+        out_tokens = np.zeros(self._max_len, dtype=np.int32)
+        out_tokens[:n] = tokens
+        mask = np.zeros(self._max_len, dtype=bool)
+        mask[:n] = True
+        return out_tokens, mask
