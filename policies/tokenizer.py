@@ -9,12 +9,15 @@ Tokens are right-padded with 0 (and mask False) or truncated to `max_len`.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
+
+from faster_vla.policies import download
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +29,7 @@ _STATE_BIN_EDGES = np.linspace(-1.0, 1.0, _NUM_STATE_BINS + 1)[:-1]
 
 def default_tokenizer_path() -> Path:
     """Where openpi caches the PaliGemma tokenizer: $OPENPI_DATA_HOME/big_vision/paligemma_tokenizer.model."""
-    cache_dir = Path(os.getenv("OPENPI_DATA_HOME", "~/.cache/openpi")).expanduser().resolve()
-    return cache_dir / "big_vision" / "paligemma_tokenizer.model"
+    return download.cache_path(TOKENIZER_URL)
 
 
 def discretize_state(state: np.ndarray) -> np.ndarray:
@@ -44,8 +46,12 @@ class PaligemmaTokenizer:
     """Sentencepiece PaliGemma tokenizer producing fixed-length (tokens, mask) pairs for π0.5."""
 
     def __init__(self, path: str | Path | None = None, max_len: int = 200) -> None:
+        """`path`: a local sentencepiece model, a gs:// URL (downloaded into openpi's cache), or None for the
+        cached PaliGemma tokenizer."""
         if max_len <= 0:
             raise ValueError(f"max_len must be positive, got {max_len}")
+        if path is not None and download.is_remote(path):
+            path = download.maybe_download(str(path))  # e.g. gs://big_vision/paligemma_tokenizer.model
         model_path = Path(path).expanduser() if path is not None else default_tokenizer_path()
         if not model_path.is_file():
             raise FileNotFoundError(
@@ -93,3 +99,36 @@ class PaligemmaTokenizer:
         mask = np.zeros(self._max_len, dtype=bool)
         mask[:n] = True
         return out_tokens, mask
+
+
+def train_tokenizer(sentences: list[str], output: str | Path, *, vocab_size: int = 512) -> Path:
+    """Trains a small BPE sentencepiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3).
+
+    For small π0.5 configurations (the PaliGemma tokenizer has 257,152 pieces and needs the 2B embedder).
+    Sentences are cleaned as prompts are, so training and inference see the same text. Deterministic for
+    a given input; the model is written to a temporary file and moved into place.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(sorted({clean_prompt(s) for s in sentences}))
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split("\n")),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # Gemma applies no Unicode normalisation; keeps the file small
+        byte_fallback=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, output)
+    return output
