@@ -125,7 +125,20 @@ TINY_A = Pi05Config(
     discrete_state_input=False,
 )
 
-PRESETS: dict[str, Pi05Config] = {"pi05_libero": PI05_LIBERO, "tiny_a": TINY_A}
+# The project's built-in small π0.5 (same code as pi05_libero): runs on a laptop CPU. Its vocabulary is the
+# 512-piece LIBERO tokenizer in checkpoints/pi05_small/; every LIBERO instruction fits in 22 tokens.
+PI05_SMALL = Pi05Config(
+    paligemma_variant=GemmaConfig(width=256, depth=4, mlp_dim=1024, num_heads=4, num_kv_heads=1, head_dim=64),
+    action_expert_variant=GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=64),
+    action_horizon=10,
+    max_token_len=32,
+    vocab_size=512,
+    siglip=SiglipConfig(width=128, depth=4, mlp_dim=512, num_heads=4),
+    dtype="float32",  # bfloat16 matmuls are slower than float32 on most CPUs
+    discrete_state_input=False,
+)
+
+PRESETS: dict[str, Pi05Config] = {"pi05_libero": PI05_LIBERO, "pi05_small": PI05_SMALL, "tiny_a": TINY_A}
 
 
 def get_preset(name: str) -> Pi05Config:

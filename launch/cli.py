@@ -1,0 +1,33 @@
+"""The `faster-vla` command: one tyro subcommand per job (train, eval, export and serve join as they land).
+
+Each subcommand is a frozen dataclass of arguments (its docstring is the help text) mapped to the
+function that runs it, so every field is a `--flag` and every default is visible in `--help`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tyro
+
+from faster_vla.launch.demo import DemoArgs, run_demo
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "demo": (DemoArgs, run_demo),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `faster-vla` console script."""
+    args = tyro.extras.subcommand_cli_from_dict(
+        {name: arg_type for name, (arg_type, _) in COMMANDS.items()},
+        description="faster-vla: fine-tune openpi's π0.5 with FASTER (value-guided noise selection).",
+        args=argv,
+    )
+    runner = next(run for arg_type, run in COMMANDS.values() if isinstance(args, arg_type))
+    runner(args)
+
+
+if __name__ == "__main__":
+    main()
