@@ -71,10 +71,10 @@ class Observation:
         """openpi's dict form ('image', 'image_mask', 'state', ...); uint8 images become [-1, 1] float32."""
         if ("tokenized_prompt" in data) != ("tokenized_prompt_mask" in data):
             raise ValueError("tokenized_prompt and tokenized_prompt_mask must be given together")
-        images = {}
-        for key, image in data["image"].items():
-            image = np.asarray(image) if isinstance(image, np.ndarray) else image
-            images[key] = image.astype(np.float32) / 255.0 * 2.0 - 1.0 if image.dtype == np.uint8 else image
+        images = {
+            key: image.astype(np.float32) / 255.0 * 2.0 - 1.0 if image.dtype == np.uint8 else image
+            for key, image in data["image"].items()
+        }
         return cls(
             images=images,
             image_masks=dict(data["image_mask"]),

@@ -16,3 +16,12 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def openpi_fixtures(shared_dir: Path) -> Path:
     return shared_dir / "fixtures" / "openpi_pi05"
+
+
+@pytest.fixture(scope="session")
+def goldens(openpi_fixtures: Path) -> dict:
+    """openpi's pure-function goldens (misc_goldens.npz), every array by its key."""
+    import numpy as np
+
+    with np.load(openpi_fixtures / "misc_goldens.npz") as data:
+        return {k: data[k] for k in data.files}

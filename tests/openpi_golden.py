@@ -17,6 +17,9 @@ from flax import traverse_util
 from faster_vla.policies import pi05
 from faster_vla.policies.config import GemmaConfig, SiglipConfig
 
+# The prompt openpi's tokenizer and transform goldens were made with (manifest.json: misc.tokenizer.prompt).
+GOLDEN_PROMPT = " Pick_up the bowl\n"
+
 
 @dataclasses.dataclass(frozen=True)
 class Golden:

@@ -12,15 +12,7 @@ from faster_vla.policies.tokenizer import (
     default_tokenizer_path,
     discretize_state,
 )
-
-# The prompt the goldens were made with (manifest.json: misc.tokenizer.prompt).
-GOLDEN_PROMPT = " Pick_up the bowl\n"
-
-
-@pytest.fixture(scope="module")
-def goldens(openpi_fixtures):
-    with np.load(openpi_fixtures / "misc_goldens.npz") as data:
-        return {k: data[k] for k in data.files if k.startswith(("tokenizer/", "discretize_state/"))}
+from tests.openpi_golden import GOLDEN_PROMPT
 
 
 @pytest.fixture(scope="module")

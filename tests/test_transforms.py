@@ -18,14 +18,7 @@ from faster_vla.policies.transforms import (
     Unnormalize,
     compose,
 )
-
-GOLDEN_PROMPT = " Pick_up the bowl\n"
-
-
-@pytest.fixture(scope="module")
-def goldens(openpi_fixtures):
-    with np.load(openpi_fixtures / "misc_goldens.npz") as data:
-        return {k: data[k] for k in data.files if k.startswith(("transforms/", "tokenizer/"))}
+from tests.openpi_golden import GOLDEN_PROMPT
 
 
 @pytest.fixture(scope="module")
