@@ -24,6 +24,7 @@ import numpy as np
 from faster_vla.policies.config import (
     IMAGE_KEYS,
     PI05_LIBERO,
+    PI05_SMALL,
     TINY_A,
     GemmaConfig,
     Pi05Config,
@@ -36,6 +37,7 @@ from faster_vla.policies.siglip import Siglip
 __all__ = [
     "IMAGE_KEYS",
     "PI05_LIBERO",
+    "PI05_SMALL",
     "TINY_A",
     "GemmaConfig",
     "Observation",
