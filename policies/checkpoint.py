@@ -13,12 +13,20 @@ orbax writes (`_METADATA`, the tree metadata) before any array is read, and so i
 the model (`expected=`): a checkpoint that does not fit fails in about a second, whatever its size, and no
 error ever leaves a partly restored tree behind.
 
-Memory: leaves are restored directly as `jax.Array`s on one device (the CPU by default) through
-`ArrayRestoreArgs` with a single-device sharding. Orbax reads each leaf into a host staging buffer and then
-copies it into the device array (JAX on CPU does not alias numpy memory), so the staging buffers are the
-only transient cost; `restore_params` caps them with orbax's `restore_concurrent_gb` at a little more than
-the largest leaf. Peak resident memory is thus about (checkpoint size + largest leaf) instead of twice the
-checkpoint size — for pi05_libero in float32, about 13.4 + 4.9 GB rather than 27 GB.
+Memory: at pi05_libero size the float32 params are 13.4 GB, so a restore must never hold two copies.
+Leaves are restored directly as `jax.Array`s on one device (the first CPU device unless `sharding` says
+otherwise) through orbax `ArrayRestoreArgs` with a single-device sharding: no numpy tree is built and then
+converted. Orbax reads a leaf into a host staging buffer and copies it into the device array (JAX on CPU
+does not alias numpy buffers that are not 64-byte aligned, and orbax's are not), and by default it reads
+every leaf concurrently, so one `restore` call for the whole tree can stage many leaves at once. Here the
+leaves are restored in sequential groups (`partial_restore`; small leaves packed up to 64 MiB, big leaves
+alone), waiting for each group's device copies before the next, so at most about one leaf is staged at a
+time: peak ≈ checkpoint + largest leaf + ~130 MB of tensorstore caches (pi05_libero float32: about
+13.4 + 4.8 GB, where its largest leaf is the 4.8 GB LLM `gating_einsum`). Measured (VmHWM growth of a fresh
+process, 2-core CPU): 1024 MiB in 8 leaves → +1282 MiB (one whole-tree orbax call: +1489..1516 MiB;
+restore to numpy then `jnp.asarray` the tree: +2086 MiB); 3072 MiB in 23 leaves → +3331 MiB (one call:
++3546..3651 MiB). Speed is the same as one call. `save_params` caps orbax's in-flight bytes near the
+largest leaf for the same reason.
 """
 
 from __future__ import annotations
@@ -314,11 +322,11 @@ def checkpoint_layout(path: str | os.PathLike[str]) -> str:
 
 
 def _inflight_cap_gb(largest_leaf_bytes: int) -> float:
-    """Orbax's cap on bytes in flight (`*_concurrent_gb`): just above the largest leaf.
+    """Orbax's save cap on bytes in flight (`save_concurrent_gb`), just above the largest leaf.
 
-    Orbax rejects a leaf larger than the cap; anything above it only lets more leaves be staged at once.
-    Measured (see module docstring): a restore costs one transient copy of each leaf in flight, so the cap
-    bounds the transient memory to about the largest leaf instead of the whole tree. A float is fine: orbax
+    Orbax rejects a leaf larger than the cap (it counts the exact host bytes of each leaf when writing);
+    anything above it only lets more leaves be staged at once. Measured: saving 1.5 GiB of jax.Arrays took
+    +1418 MiB transient with orbax's default cap and +593 MiB with this one. A float is fine: orbax
     multiplies it by 1e9 and compares bytes.
     """
     return largest_leaf_bytes * 1.05 / 1e9 + 1e-3
@@ -348,14 +356,16 @@ def restore_params(
         compare_shapes(layout.shapes(), _shapes(expected, "expected"), source=f"Checkpoint {str(layout.item_dir)!r}")
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    if dtype is not None:
+        dtype = np.dtype(dtype)
     ocp = _ocp()
-    groups = _restore_groups(layout)
-    budget = max(sum(nbytes for _, nbytes in group) for group in groups)
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_inflight_cap_gb(budget))
     restored: dict[str, Any] = {}
+    part: dict[str, Any] = {}
     try:
-        with _quiet_orbax(), ocp.Checkpointer(handler) as checkpointer:
-            for group in groups:
+        # No restore_concurrent_gb: the groups already bound what is in flight, and orbax's read estimate
+        # rounds up to whole chunks, so a cap near the largest leaf could reject a leaf with ragged chunks.
+        with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            for group in _restore_groups(layout):
                 item = {PARAMS_ITEM: unflatten_params({p: layout.raw[p] for p, _ in group})}
                 restore_args = jax.tree.map(
                     lambda _: ocp.ArrayRestoreArgs(sharding=sharding, restore_type=jax.Array, dtype=dtype), item
@@ -369,7 +379,8 @@ def restore_params(
                 jax.block_until_ready(list(part.values()))
                 restored.update(part)
     except Exception as e:  # noqa: BLE001
-        restored.clear()  # never hand out, or keep alive, a partly restored tree
+        restored.clear()  # never hand out, or keep alive through the traceback, a partly restored tree
+        part.clear()
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(
@@ -385,6 +396,8 @@ def _restore_groups(layout: _Layout) -> list[list[tuple[str, int]]]:
     """Leaves (stored path, bytes) in checkpoint order, restored one orbax call per group: small leaves are
     packed into groups of up to 64 MiB (fewer calls), any larger leaf is a group of its own. Measured, this
     keeps the transient memory of a restore at about one leaf (see the module docstring)."""
+    # 64 MiB: small enough not to matter next to pi05's big leaves, large enough that the ~100 small leaves
+    # (norms, biases) take a handful of orbax calls.
     groups: list[list[tuple[str, int]]] = [[]]
     total = 0
     for path, leaf in layout.raw.items():
@@ -404,8 +417,10 @@ def save_params(path: str | os.PathLike[str], params: Any, *, force: bool = Fals
 
     The checkpoint is written into a hidden temporary sibling of `path`, checked, and only then moved to
     `path`, so `path` never holds a partial checkpoint. An existing `path` is refused unless `force`, in
-    which case it is replaced in one step (see `download.move_into_place`). Leaves are written as they are:
-    jax.Arrays stay jax.Arrays and numpy arrays are written from host memory without another copy.
+    which case it is replaced in one step (see `download.move_into_place`). Dtypes are kept (bf16 stays
+    bf16). Every leaf is written as a jax.Array, as openpi's writer does: jax.Array leaves cost no copy (the
+    transient memory is about twice the largest leaf); numpy leaves are copied to the CPU device first
+    (orbax's numpy path ignores the in-flight cap and measured ~2x the whole tree transient).
 
     Returns the `<path>` folder.
     """
@@ -420,15 +435,12 @@ def save_params(path: str | os.PathLike[str], params: Any, *, force: bool = Fals
     bad = [p for p, leaf in flat.items() if not isinstance(leaf, jax.Array | np.ndarray)]
     if not flat or bad:
         raise TypeError(f"params must be a non-empty nested dict of arrays; non-array leaves: {bad[:5]}")
+    if all(p.rsplit("/", 1)[-1] == TRAINING_SUFFIX for p in flat):
+        raise CheckpointError("params leaves all end in 'value': pass a pure dict (nnx.State.to_pure_dict())")
     shapes = _shapes(flat, "params")
-    # Written as jax.Arrays like openpi's writer (value_type "jax.Array" in _METADATA). This also bounds
-    # memory: orbax's numpy path ignores the in-flight cap (measured: ~2x the whole tree transient) while
-    # the jax.Array path honours it (~2x the largest leaf). Numpy leaves therefore cost one copy each here.
     cpu = jax.devices("cpu")[0]
     flat = {p: leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf, cpu) for p, leaf in flat.items()}
     cap = _inflight_cap_gb(max(leaf.nbytes for leaf in flat.values()))
-    if all(p.rsplit("/", 1)[-1] == TRAINING_SUFFIX for p in flat):
-        raise CheckpointError("params leaves all end in 'value': pass a pure dict (nnx.State.to_pure_dict())")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -436,8 +448,9 @@ def save_params(path: str | os.PathLike[str], params: Any, *, force: bool = Fals
         staged = work / path.name
         staged.mkdir()
         ocp = _ocp()
-        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=cap, save_device_host_concurrent_gb=cap)
-        with _quiet_orbax(), ocp.Checkpointer(handler) as checkpointer:
+        with _quiet_orbax(), ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(save_concurrent_gb=cap, save_device_host_concurrent_gb=cap)
+        ) as checkpointer:
             checkpointer.save(staged / PARAMS_ITEM, args=ocp.args.PyTreeSave({PARAMS_ITEM: unflatten_params(flat)}))
         written = _read_layout(staged)
         if written.training:

@@ -182,7 +182,10 @@ def test_gcsfs_missing_gives_actionable_error(cache: Path, monkeypatch: pytest.M
     assert isinstance(info.value.__cause__, ImportError)
 
 
-def test_move_into_place_refuses_and_replaces(tmp_path: Path) -> None:
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_move_into_place_refuses_and_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange) -> None:
+    if not exchange:  # the fallback for systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(download, "_exchange", lambda a, b: False)
     def folder(name: str, content: str) -> Path:
         path = tmp_path / name
         path.mkdir()
