@@ -1,0 +1,285 @@
+"""The FASTER-EXPO learner: a pytree of train states with `create`, jitted `update`, and `select`.
+
+One update = `utd` critic steps, each on its own minibatch of sliding-window chunks, then one edit-policy
+step and one α step (EXPO's schedule). Each critic step trains
+- Q^a by chunked TD: y = R + γ^h·mask·min2 Q̄^a(s', a'), a' chosen at s' by the SAME selection rule the
+  agent acts with (FASTER: Q̄^dn picks a seed, its cached chunk is edited, Q̄^a keeps base or edit);
+- Q^dn by regression onto sg[min2 Q̄^a(s, π(s, ε_i*))], the unedited chunk of the kept seed (paper
+  Algorithm 1), or of every cached seed (`noise_target="all"`).
+Both targets read the actor's chunks from the frozen-actor cache of the replay (`cache`/`next_cache`), so
+an update never runs the VLA and costs the same whatever the actor's size.
+
+Action spaces: the actor emits chunks [H, A_model] in its normalised space (π0.5: A_model = 32); the critics,
+the edit policy and the replay work on the robot's first A dims of that space ([H, A], LIBERO: 7). Q^dn
+sees the full model noise [H, A_model].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training.train_state import TrainState
+
+from faster_vla.critics.edit_policy import (
+    EditPolicy,
+    EditPolicyConfig,
+    Temperature,
+    edit_policy_loss,
+    temperature_loss,
+)
+from faster_vla.critics.networks import (
+    ChunkCritic,
+    ChunkCriticConfig,
+    NoiseCritic,
+    NoiseCriticConfig,
+    min_of_random_pair,
+    polyak,
+)
+from faster_vla.selection import Selection, SelectionConfig, pick_seed, select
+
+Params = Any
+Inputs = dict[str, jax.Array]  # critic inputs, e.g. {"features": [B, F], "state": [B, S]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Defaults are the paper's VLA setting (appendix B): UTD 10, batch 32, γ 0.99, τ 0.005, N 8, greedy."""
+
+    chunk_critic: ChunkCriticConfig
+    noise_critic: NoiseCriticConfig
+    edit_policy: EditPolicyConfig
+    selection: SelectionConfig = SelectionConfig("faster", num_candidates=8, temperature=0.0)
+    gamma: float = 0.99
+    tau: float = 0.005
+    utd: int = 10
+    batch_size: int = 32
+    critic_lr: float = 3e-4
+    policy_lr: float = 3e-4
+    temperature_lr: float = 3e-4
+    init_temperature: float = 1.0
+    noise_target: Literal["kept", "all"] = "kept"
+
+    def __post_init__(self) -> None:
+        if self.chunk_critic.chunk_shape != self.edit_policy.chunk_shape:
+            raise ValueError(
+                f"chunk critic {self.chunk_critic.chunk_shape} and edit policy {self.edit_policy.chunk_shape} "
+                "must see the same chunk shape (h, A)"
+            )
+        if self.chunk_critic.chunk_shape[0] != self.noise_critic.noise_shape[0]:
+            raise ValueError("the noise critic's horizon must equal the chunk horizon")
+        if self.noise_target not in ("kept", "all"):
+            raise ValueError(f"noise_target must be 'kept' or 'all', got {self.noise_target!r}")
+        if self.utd < 1 or self.batch_size < 1:
+            raise ValueError("utd and batch_size must be >= 1")
+
+    @property
+    def horizon(self) -> int:
+        return self.chunk_critic.chunk_shape[0]
+
+    @property
+    def action_dim(self) -> int:
+        return self.chunk_critic.chunk_shape[1]
+
+
+def _robot(chunks: jax.Array, action_dim: int) -> jax.Array:
+    """Model-space chunks [..., H, A_model] -> the robot's dims [..., H, A] that critics and edits see."""
+    return chunks[..., :action_dim]
+
+
+def _tile(inputs: Inputs, m: int) -> Inputs:
+    """Inputs [B, ...] -> [B·m, ...], each state repeated for its m candidates."""
+    return jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), inputs)
+
+
+class Learner(flax.struct.PyTreeNode):
+    chunk_critic: TrainState
+    chunk_target: Params
+    noise_critic: TrainState
+    noise_target: Params
+    edit_policy: TrainState
+    temperature: TrainState
+    rng: jax.Array
+    step: jax.Array
+    config: LearnerConfig = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, config: LearnerConfig, example_inputs: Inputs, seed: int = 0) -> Learner:
+        """Initialises every network from one example batch of critic inputs (shapes only matter)."""
+        rng = jax.random.key(seed)
+        rng, k_q, k_dn, k_pi, k_t = jax.random.split(rng, 5)
+        b = jax.tree.leaves(example_inputs)[0].shape[0]
+        h, a = config.chunk_critic.chunk_shape
+        chunk = jnp.zeros((b, h, a))
+        noise = jnp.zeros((b, 1, *config.noise_critic.noise_shape))
+        q_mod, dn_mod = ChunkCritic(config.chunk_critic), NoiseCritic(config.noise_critic)
+        pi_mod, t_mod = EditPolicy(config.edit_policy), Temperature(config.init_temperature)
+        q_params = q_mod.init(k_q, example_inputs, chunk)
+        dn_params = dn_mod.init(k_dn, example_inputs, noise)
+        return cls(
+            chunk_critic=TrainState.create(apply_fn=q_mod.apply, params=q_params, tx=optax.adam(config.critic_lr)),
+            chunk_target=q_params,
+            noise_critic=TrainState.create(apply_fn=dn_mod.apply, params=dn_params, tx=optax.adam(config.critic_lr)),
+            noise_target=dn_params,
+            edit_policy=TrainState.create(apply_fn=pi_mod.apply, params=pi_mod.init(k_pi, example_inputs, chunk),
+                                          tx=optax.adam(config.policy_lr)),
+            temperature=TrainState.create(apply_fn=t_mod.apply, params=t_mod.init(k_t),
+                                          tx=optax.adam(config.temperature_lr)),
+            rng=rng,
+            step=jnp.zeros((), jnp.int32),
+            config=config,
+        )
+
+    # -- the selection rule, wired to this learner's (target) critics --------------------------------
+
+    def _rule_fns(self, inputs: Inputs, rng: jax.Array) -> dict[str, Callable]:
+        cfg = self.config
+        k_dn, k_q = jax.random.split(rng)
+        policy = EditPolicy(cfg.edit_policy)
+
+        def score_noise(noise: jax.Array) -> jax.Array:  # [B, N, H, Ad] -> [B, N]
+            q = self.noise_critic.apply_fn(self.noise_target, inputs, noise)
+            return min_of_random_pair(q, k_dn)
+
+        def q_chunk(chunks: jax.Array) -> jax.Array:  # [B, M, H, A] -> [B, M]
+            return min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, inputs, chunks), k_q)
+
+        def edit(rng: jax.Array, chunks: jax.Array) -> jax.Array:  # [B, M, H, A] -> [B, M, H, A]
+            b, m = chunks.shape[:2]
+            flat = chunks.reshape(b * m, *chunks.shape[2:])
+            edited, _ = policy.apply(self.edit_policy.params, _tile(inputs, m), flat, rng, method=EditPolicy.sample_edit)
+            return edited.reshape(chunks.shape)
+
+        return {"score_noise": score_noise, "q_chunk": q_chunk, "edit": edit}
+
+    def select(
+        self,
+        rng: jax.Array,
+        inputs: Inputs,
+        noise: jax.Array,  # [B, N, H, A_model]
+        denoise: Callable[[jax.Array], jax.Array],  # idx [B, M] -> model-space chunks [B, M, H, A_model]
+        selection: SelectionConfig | None = None,
+    ) -> Selection:
+        """Chooses chunks (robot dims, normalised) with the train rule or `selection` (e.g. greedy eval)."""
+        config = selection or self.config.selection
+        robot = lambda idx: _robot(denoise(idx), self.config.action_dim)  # noqa: E731
+        return select(config, rng, noise, denoise=robot, **self._rule_fns(inputs, rng))
+
+    # -- the update ----------------------------------------------------------------------------------
+
+    def td_target(
+        self, batch: dict, rng: jax.Array, next_denoise: Callable[[jax.Array], jax.Array] | None = None
+    ) -> jax.Array:
+        """Chunked TD target y [B] = R + γ^h·mask·min2 Q̄^a(s', a'), a' by the acting rule at s'.
+
+        `next_denoise(idx [B, M]) -> model-space chunks [B, M, H, A_model]` gives the actor's chunks for seeds of
+        `batch["next_cache"]["noise"]`; by default they are looked up in `batch["next_cache"]["denoised"]`
+        (the frozen-actor cache). Passing a function that runs the actor gives the same target, at the
+        actor's cost (tested).
+        """
+        cfg = self.config
+        k_sel, k_target = jax.random.split(rng)
+        next_inputs = batch["next_inputs"]
+        if next_denoise is None:
+            cached = batch["next_cache"]["denoised"]  # [B, K, H, A_model]
+            next_denoise = lambda idx: jnp.take_along_axis(cached, idx[:, :, None, None], axis=1)  # noqa: E731
+        robot = lambda idx: _robot(next_denoise(idx), cfg.action_dim)  # noqa: E731
+        next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot,
+                             **self._rule_fns(next_inputs, k_sel)).action
+        next_q = min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, next_inputs, next_action), k_target)
+        return batch["returns"] + batch["discount"] * next_q
+
+    def _critic_step(self, batch: dict, rng: jax.Array) -> tuple[Learner, dict]:
+        cfg = self.config
+        k_td, k_dn = jax.random.split(rng)
+        inputs = batch["inputs"]
+        a = cfg.action_dim
+        target = jax.lax.stop_gradient(self.td_target(batch, k_td))  # [B]
+        chunk = batch["actions"].reshape(-1, *cfg.chunk_critic.chunk_shape)
+
+        def q_loss(params: Params) -> tuple[jax.Array, jax.Array]:
+            q = self.chunk_critic.apply_fn(params, inputs, chunk)  # [E, B]
+            return jnp.mean(jnp.square(q - target[None])), q
+
+        (loss_q, q), grads = jax.value_and_grad(q_loss, has_aux=True)(self.chunk_critic.params)
+        chunk_critic = self.chunk_critic.apply_gradients(grads=grads)
+
+        # Q^dn regression onto min2 Q̄^a of the unedited cached chunk of the kept seed (or of every seed).
+        pool = batch["cache"]["noise"]  # [B, K, H, Ad]
+        denoised = _robot(batch["cache"]["denoised"], a)  # [B, K, H, A]
+        k1, k2, k3 = jax.random.split(k_dn, 3)
+        if cfg.noise_target == "kept":
+            scores = min_of_random_pair(self.noise_critic.apply_fn(self.noise_target, inputs, pool), k1)
+            kept = pick_seed(k2, scores, cfg.selection.temperature)[:, None]  # [B, 1]
+        else:
+            kept = jnp.broadcast_to(jnp.arange(pool.shape[1]), pool.shape[:2])  # [B, K]
+        seeds = jnp.take_along_axis(pool, kept[:, :, None, None], axis=1)
+        chunks = jnp.take_along_axis(denoised, kept[:, :, None, None], axis=1)
+        dn_target = jax.lax.stop_gradient(
+            min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, inputs, chunks), k3)
+        )  # [B, M]
+
+        def dn_loss(params: Params) -> tuple[jax.Array, jax.Array]:
+            q = self.noise_critic.apply_fn(params, inputs, seeds)  # [E, B, M]
+            return jnp.mean(jnp.square(q - dn_target[None])), q
+
+        (loss_dn, q_dn), grads = jax.value_and_grad(dn_loss, has_aux=True)(self.noise_critic.params)
+        noise_critic = self.noise_critic.apply_gradients(grads=grads)
+
+        new = self.replace(
+            chunk_critic=chunk_critic,
+            chunk_target=polyak(self.chunk_target, chunk_critic.params, cfg.tau),
+            noise_critic=noise_critic,
+            noise_target=polyak(self.noise_target, noise_critic.params, cfg.tau),
+        )
+        info = {"critic_loss": loss_q, "q": jnp.mean(q), "td_target": jnp.mean(target),
+                "noise_critic_loss": loss_dn, "q_noise": jnp.mean(q_dn)}
+        return new, info
+
+    def _policy_step(self, batch: dict, rng: jax.Array) -> tuple[Learner, dict]:
+        cfg = self.config
+        inputs = batch["inputs"]
+        base = batch["actions"].reshape(-1, *cfg.chunk_critic.chunk_shape)  # EXPO: edit the replay chunk
+        alpha = jnp.exp(self.temperature.params["params"]["log_alpha"])
+        critic = lambda inp, chunk: self.chunk_critic.apply_fn(self.chunk_critic.params, inp, chunk)  # noqa: E731
+        policy = EditPolicy(cfg.edit_policy)
+
+        def loss_fn(params: Params) -> tuple[jax.Array, dict]:
+            return edit_policy_loss(params, policy, critic, inputs, base, rng, alpha)
+
+        (_, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(self.edit_policy.params)
+        edit_policy = self.edit_policy.apply_gradients(grads=grads)
+        log_prob = info.pop("log_prob")
+
+        def t_loss(params: Params) -> jax.Array:
+            return temperature_loss(params["params"]["log_alpha"], log_prob, cfg.edit_policy.target_entropy)
+
+        loss_t, grads = jax.value_and_grad(t_loss)(self.temperature.params)
+        temperature = self.temperature.apply_gradients(grads=grads)
+        info.update(temperature_loss=loss_t, alpha=alpha)
+        return self.replace(edit_policy=edit_policy, temperature=temperature), info
+
+    @jax.jit
+    def update(self, batch: dict) -> tuple[Learner, dict]:
+        """One update on `utd` minibatches stacked on axis 0 (every leaf [utd, B, ...]).
+
+        `batch` keys: inputs, next_inputs (critic inputs at s_t and s_{t+h}), actions [B, h·A] (normalised
+        robot dims), returns [B], discount [B] (γ^h·mask), cache and next_cache ({'noise', 'denoised'}).
+        """
+        rng, step_rng, policy_rng = jax.random.split(self.rng, 3)
+
+        def body(learner: Learner, xs: tuple[dict, jax.Array]) -> tuple[Learner, dict]:
+            minibatch, key = xs
+            return learner._critic_step(minibatch, key)
+
+        keys = jax.random.split(step_rng, self.config.utd)
+        learner, critic_info = jax.lax.scan(body, self, (batch, keys))
+        last = jax.tree.map(lambda x: x[-1], batch)
+        learner, policy_info = learner._policy_step(last, policy_rng)
+        info = {k: v[-1] for k, v in critic_info.items()} | policy_info
+        return learner.replace(rng=rng, step=learner.step + 1), info
