@@ -27,18 +27,33 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ToyTaskConfig:
-    horizon: int = 4  # H: actions per chunk
+    horizon: int = 2  # H: actions per chunk
     action_dim: int = 2
     num_steps: int = 10  # T: Euler steps of the flow actor
-    max_chunks: int = 12
+    max_chunks: int = 24
     radius: float = 0.15
     step_size: float = 0.1
-    mean_rotation: float = 0.9  # radians; the actor's bias (base ≈ 20 % success, oracle best-of-8 ≈ 99 %)
+    mean_rotation: float = 0.9  # radians; the actor's bias (base ≈ 40 % success, learned best-of-8 ≈ 90 %)
     mean_speed: float = 0.6
 
     @property
     def obs_dim(self) -> int:
         return 4  # pos, goal
+
+    @property
+    def feature_dim(self) -> int:
+        return 8  # see toy_features
+
+
+def toy_features(obs: jax.Array) -> jax.Array:
+    """obs [..., 4] -> critic features [..., 8]: pos, goal, offset and unit direction to the goal.
+
+    The stand-in for the frozen backbone's features: the VLA's critics read a learned representation of
+    the scene, not raw coordinates, so the toy's critics get the task-relevant geometry directly.
+    """
+    offset = obs[..., 2:] - obs[..., :2]
+    unit = offset / (jnp.linalg.norm(offset, axis=-1, keepdims=True) + 1e-6)
+    return jnp.concatenate([obs, offset, unit], axis=-1)
 
 
 class FlowActor:
@@ -113,11 +128,11 @@ class ToyRunConfig:
     rule: str = "faster"
     num_candidates: int = 8
     episodes: int = 40
-    updates_per_episode: int = 3
+    updates_per_episode: int = 4
     utd: int = 10
-    batch_size: int = 64
-    eval_episodes: int = 60
-    hidden: int = 128
+    batch_size: int = 32
+    eval_episodes: int = 40
+    hidden: int = 64
     members: int = 10
     noise_target: str = "all"  # regress Q^dn on every cached seed (all K chunks are in the cache)
     seed: int = 0
@@ -131,8 +146,8 @@ def toy_learner_config(task: ToyTaskConfig, run: ToyRunConfig):
     from faster_vla.learner import LearnerConfig
     from faster_vla.selection import SelectionConfig
 
-    encoder = EncoderConfig(kind="backbone", state_dim=task.obs_dim, state_embed_dim=16, feature_dim=task.obs_dim,
-                            feature_proj_dim=64)
+    encoder = EncoderConfig(kind="backbone", state_dim=task.obs_dim, state_embed_dim=16,
+                            feature_dim=task.feature_dim, feature_proj_dim=64)
     chunk = (task.horizon, task.action_dim)
     return LearnerConfig(
         chunk_critic=ChunkCriticConfig(encoder=encoder, chunk_shape=chunk, hidden_dims=(run.hidden, run.hidden),
@@ -160,53 +175,56 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
     actor = FlowActor(task)
     config = toy_learner_config(task, run)
     n, h, a = run.num_candidates, task.horizon, task.action_dim
-    obs_example = jnp.zeros((1, task.obs_dim))
-    learner = Learner.create(config, {"features": obs_example, "state": obs_example}, seed=run.seed)
+    learner = Learner.create(config, _inputs(jnp.zeros((1, task.obs_dim))), seed=run.seed)
     replay = ReplayBuffer(capacity=(run.episodes + 1) * (task.max_chunks * h + 1))
     rng = np.random.default_rng(run.seed)
     key = jax.random.key(run.seed)
 
     @jax.jit
     def act(learner, key, obs, noise, denoised):  # obs [1, 4], noise/denoised [1, N, H, A]
-        inputs = {"features": obs, "state": obs}
+        inputs = _inputs(obs)
         lookup = lambda idx: jnp.take_along_axis(denoised, idx[:, :, None, None], axis=1)  # noqa: E731
         return learner.select(key, inputs, noise, lookup).action[0]
 
-    def pool(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        noise = rng.normal(size=(1, n, h, a)).astype(np.float32)
-        return noise, np.asarray(actor.denoise(jnp.asarray(obs[None]), jnp.asarray(noise)))
+    max_rows = task.max_chunks * h + 1
 
-    def episode(env: ToyEnv, learner, key, store: bool) -> tuple[float, bool]:
-        # Every observation gets its own pool; acting at a chunk start uses that observation's pool, which is
-        # exactly what the TD target will see there.
+    def pool(obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """obs [T, 4] -> K noises [T, K, H, A] and their chunks: one batched actor call, padded to a fixed
+        row count so episodes of every length share one compiled function."""
+        rows = obs.shape[0]
+        noise = rng.normal(size=(rows, n, h, a)).astype(np.float32)
+        padded_obs = np.zeros((max_rows, obs.shape[1]), np.float32)
+        padded_obs[:rows] = obs
+        padded_noise = np.zeros((max_rows, n, h, a), np.float32)
+        padded_noise[:rows] = noise
+        return noise, np.asarray(actor.denoise(jnp.asarray(padded_obs), jnp.asarray(padded_noise)))[:rows]
+
+    def episode(env: ToyEnv, learner, key, store: bool, rng: np.random.Generator) -> tuple[float, bool]:
         observations = [env.reset()]
-        pools = [pool(observations[0])]
         actions, rewards, terminals = [], [], []
         for _ in range(task.max_chunks):
             key, sub = jax.random.split(key)
-            noise, denoised = pools[-1]
+            noise, denoised = pool(observations[-1][None], rng)  # the acting rule's N seeds at this chunk start
             chunk = np.asarray(act(learner, sub, jnp.asarray(observations[-1][None]), noise, denoised))
             next_obs, r, d = env.step_chunk(chunk)
-            for i, o in enumerate(next_obs):
-                actions.append(chunk[i])
-                observations.append(o)
-                # Stored episodes need a pool at every step; evaluation only at the next chunk start.
-                pools.append(pool(o) if store or i == len(next_obs) - 1 else None)
-                rewards.append(r[i])
-                terminals.append(d[i])
+            actions.extend(chunk[: len(next_obs)])
+            observations.extend(next_obs)
+            rewards.extend(r)
+            terminals.extend(d)
             if terminals[-1]:
                 break
         if store:
+            # The cache: every stored step (windows start anywhere) gets K seeds and the actor's chunks.
+            noise, denoised = pool(np.stack(observations), rng)
             replay.add_episode({"obs": np.stack(observations)}, np.stack(actions), np.asarray(rewards, np.float32),
                                np.asarray(terminals), truncated=not terminals[-1],
-                               cache={"noise": np.stack([p[0][0] for p in pools]),
-                                      "denoised": np.stack([p[1][0] for p in pools])})
+                               cache={"noise": noise, "denoised": denoised})
         return float(np.sum(rewards)), bool(terminals[-1])
 
     train_env = ToyEnv(task, seed=run.seed)
     for _ in range(run.episodes):
         key, sub = jax.random.split(key)
-        episode(train_env, learner, sub, store=True)
+        episode(train_env, learner, sub, store=True, rng=rng)
         if run.rule == "base":
             continue  # nothing the base rule uses is learned
         for _ in range(run.updates_per_episode):
@@ -215,8 +233,13 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
             batch = replay.sample_windows(rng, run.utd * run.batch_size, h, config.gamma)
             learner, _ = learner.update(_stack_minibatches(batch, run.utd))
 
-    eval_env = ToyEnv(task, seed=10_000 + run.seed)
-    results = [episode(eval_env, learner, jax.random.fold_in(key, i), store=False) for i in range(run.eval_episodes)]
+    # Common random numbers: every rule is evaluated on the same start states and the same noise pools, so
+    # differences between rules come from their choices, not from luck.
+    eval_env = ToyEnv(task, seed=10_000 + run.seed)  # start states: one draw sequence, whatever the policy
+    eval_key = jax.random.key(30_000 + run.seed)
+    results = [episode(eval_env, learner, jax.random.fold_in(eval_key, i), store=False,
+                       rng=np.random.default_rng([20_000 + run.seed, i]))  # per-episode noise stream
+               for i in range(run.eval_episodes)]
     return {
         "return": float(np.mean([r for r, _ in results])),
         "success": float(np.mean([s for _, s in results])),
@@ -224,12 +247,16 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
     }
 
 
+def _inputs(obs: jax.Array) -> dict[str, jax.Array]:
+    """Critic inputs for observations [B, 4]."""
+    return {"features": toy_features(obs), "state": obs}
+
+
 def _stack_minibatches(batch, utd: int) -> dict:
     """A ChunkBatch of utd·B windows -> learner batch with every leaf [utd, B, ...]."""
     split = lambda x: jnp.asarray(x).reshape(utd, -1, *x.shape[1:])  # noqa: E731
-    inputs = {"features": batch.observations["obs"], "state": batch.observations["obs"]}
-    next_inputs = {"features": batch.next_observations["obs"], "state": batch.next_observations["obs"]}
     return jax.tree.map(split, {
-        "inputs": inputs, "next_inputs": next_inputs, "actions": batch.actions, "returns": batch.returns,
+        "inputs": _inputs(jnp.asarray(batch.observations["obs"])),
+        "next_inputs": _inputs(jnp.asarray(batch.next_observations["obs"])), "actions": batch.actions, "returns": batch.returns,
         "discount": batch.discount, "cache": batch.cache, "next_cache": batch.next_cache,
     })

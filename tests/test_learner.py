@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from faster_vla.learner import Learner
-from faster_vla.toy_task import FlowActor, ToyRunConfig, ToyTaskConfig, toy_learner_config
+from faster_vla.toy_task import FlowActor, ToyRunConfig, ToyTaskConfig, toy_features, toy_learner_config
 
 TASK = ToyTaskConfig()
 B, N = 16, 8
@@ -30,8 +30,8 @@ def _batch(actor: FlowActor, seed: int = 0, utd: int | None = None) -> dict:
     flat = lambda x: x.reshape(-1, *x.shape[-3:]) if utd else x  # noqa: E731
     denoise = lambda o, e: np.asarray(actor.denoise(jnp.asarray(o.reshape(-1, 4)), jnp.asarray(flat(e)))).reshape(e.shape)  # noqa: E731
     return {
-        "inputs": {"features": obs, "state": obs},
-        "next_inputs": {"features": next_obs, "state": next_obs},
+        "inputs": {"features": np.asarray(toy_features(obs)), "state": obs},
+        "next_inputs": {"features": np.asarray(toy_features(next_obs)), "state": next_obs},
         "actions": rng.uniform(-1, 1, leading(B, h * a)).astype(np.float32),
         "returns": rng.normal(size=leading(B)).astype(np.float32),
         "discount": (0.99 ** h * (rng.uniform(size=leading(B)) > 0.2)).astype(np.float32),
@@ -44,7 +44,7 @@ def _learner(rule: str, **overrides) -> Learner:
     config = toy_learner_config(TASK, ToyRunConfig(rule=rule, hidden=32, members=4, utd=2, batch_size=B))
     config = dataclasses.replace(config, **overrides)
     example = jnp.zeros((1, 4))
-    return Learner.create(config, {"features": example, "state": example}, seed=0)
+    return Learner.create(config, {"features": toy_features(example), "state": example}, seed=0)
 
 
 @pytest.mark.parametrize("rule", ["faster", "best_of_n", "faster_idql", "base"])
@@ -57,7 +57,7 @@ def test_cached_and_recomputed_next_actions_give_the_same_targets(rule):
 
     def run_actor(idx):  # what an update without the cache must do: run the actor on s_{t+h}
         noise = jnp.take_along_axis(batch["next_cache"]["noise"], idx[:, :, None, None], axis=1)
-        return actor.denoise(batch["next_inputs"]["features"], noise)
+        return actor.denoise(batch["next_inputs"]["state"], noise)
 
     recomputed = learner.td_target(batch, rng, next_denoise=run_actor)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(recomputed), rtol=1e-6, atol=1e-6)
