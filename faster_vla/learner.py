@@ -17,6 +17,7 @@ sees the full model noise [H, A_model].
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ from faster_vla.selection import Selection, SelectionConfig, pick_seed, select
 
 Params = Any
 Inputs = dict[str, jax.Array]  # critic inputs, e.g. {"features": [B, F], "state": [B, S]}
+# minibatch -> (seed indices [B, M] -> model-space chunks [B, M, H, A_model]) at s_{t+h}
+NextDenoiser = Callable[[dict], Callable[[jax.Array], jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,12 +197,13 @@ class Learner(flax.struct.PyTreeNode):
         next_q = min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, next_inputs, next_action), k_target)
         return batch["returns"] + batch["discount"] * next_q
 
-    def _critic_step(self, batch: dict, rng: jax.Array) -> tuple[Learner, dict]:
+    def _critic_step(self, batch: dict, rng: jax.Array, next_denoiser: NextDenoiser | None) -> tuple[Learner, dict]:
         cfg = self.config
         k_td, k_dn = jax.random.split(rng)
         inputs = batch["inputs"]
         a = cfg.action_dim
-        target = jax.lax.stop_gradient(self.td_target(batch, k_td))  # [B]
+        next_denoise = None if next_denoiser is None else next_denoiser(batch)
+        target = jax.lax.stop_gradient(self.td_target(batch, k_td, next_denoise))  # [B]
         chunk = batch["actions"].reshape(-1, *cfg.chunk_critic.chunk_shape)
 
         def q_loss(params: Params) -> tuple[jax.Array, jax.Array]:
@@ -264,18 +268,21 @@ class Learner(flax.struct.PyTreeNode):
         info.update(temperature_loss=loss_t, alpha=alpha)
         return self.replace(edit_policy=edit_policy, temperature=temperature), info
 
-    @jax.jit
-    def update(self, batch: dict) -> tuple[Learner, dict]:
+    @functools.partial(jax.jit, static_argnames="next_denoiser")
+    def update(self, batch: dict, next_denoiser: NextDenoiser | None = None) -> tuple[Learner, dict]:
         """One update on `utd` minibatches stacked on axis 0 (every leaf [utd, B, ...]).
 
         `batch` keys: inputs, next_inputs (critic inputs at s_t and s_{t+h}), actions [B, h·A] (normalised
         robot dims), returns [B], discount [B] (γ^h·mask), cache and next_cache ({'noise', 'denoised'}).
+        With the cache, that is all: no actor call. `next_denoiser(minibatch) -> (idx -> chunks)` instead
+        runs an actor at s_{t+h} (for a trainable actor, or to measure what the cache saves); it must be
+        hashable (a module-level function or a frozen object), and `next_cache["denoised"]` is then unused.
         """
         rng, step_rng, policy_rng = jax.random.split(self.rng, 3)
 
         def body(learner: Learner, xs: tuple[dict, jax.Array]) -> tuple[Learner, dict]:
             minibatch, key = xs
-            return learner._critic_step(minibatch, key)
+            return learner._critic_step(minibatch, key, next_denoiser)
 
         keys = jax.random.split(step_rng, self.config.utd)
         learner, critic_info = jax.lax.scan(body, self, (batch, keys))
