@@ -141,14 +141,8 @@ def _broadcast_embedding(emb: jax.Array, x: jax.Array, batch_ndim: int) -> jax.A
     return jnp.concatenate([emb, x], axis=-1)
 
 
-class ChunkCritic(nn.Module):
-    """Q^a(s, a_chunk) → q [E, B, *cands].
-
-    `chunk` is [B, h, A] or [B, *cands, h, A] (e.g. the 2N best-of-N candidates of one state): the state is
-    encoded once per row and broadcast over the candidates.
-    """
-
-    config: ChunkCriticConfig = PI05_LIBERO_CHUNK_CRITIC
+class _EncodedEnsemble(nn.Module):
+    """One state encoder shared by `config.num_members` value heads (both critics are built this way)."""
 
     def setup(self) -> None:
         cfg = self.config
@@ -159,6 +153,16 @@ class ChunkCritic(nn.Module):
         """State embedding [B, E] (e.g. for an edit policy that reuses this encoder)."""
         return self.encoder(inputs)
 
+
+class ChunkCritic(_EncodedEnsemble):
+    """Q^a(s, a_chunk) → q [E, B, *cands].
+
+    `chunk` is [B, h, A] or [B, *cands, h, A] (e.g. the 2N best-of-N candidates of one state): the state is
+    encoded once per row and broadcast over the candidates.
+    """
+
+    config: ChunkCriticConfig = PI05_LIBERO_CHUNK_CRITIC
+
     def __call__(self, inputs: dict, chunk: jax.Array) -> jax.Array:
         h, a = self.config.chunk_shape
         if chunk.ndim < 3 or chunk.shape[-2:] != (h, a):
@@ -168,7 +172,7 @@ class ChunkCritic(nn.Module):
         return self.ensemble(x)
 
 
-class NoiseCritic(nn.Module):
+class NoiseCritic(_EncodedEnsemble):
     """Q^dn(s, ε) for N seeds per state: noise [B, N, h, A_model] or [B, N, h·A_model] → q [E, B, N].
 
     The state is encoded once and broadcast over the N seeds, so scoring N seeds costs one encoder pass and
@@ -177,15 +181,6 @@ class NoiseCritic(nn.Module):
     """
 
     config: NoiseCriticConfig = PI05_LIBERO_NOISE_CRITIC
-
-    def setup(self) -> None:
-        cfg = self.config
-        self.encoder = make_encoder(cfg.encoder)
-        self.ensemble = Ensemble(_value_head(cfg.hidden_dims), num=cfg.num_members)
-
-    def encode(self, inputs: dict) -> jax.Array:
-        """State embedding [B, E]."""
-        return self.encoder(inputs)
 
     def __call__(self, inputs: dict, noise: jax.Array, t: jax.Array | float | None = None) -> jax.Array:
         cfg = self.config
