@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from faster_vla import checkpoints
 from faster_vla.policies import flops
 from faster_vla.policies.checkpoint import save_params
 from faster_vla.policies.config import PI05_SMALL
@@ -28,7 +29,7 @@ from faster_vla.policies.pi05 import init_params, load_openpi
 from faster_vla.policies.policy import make_libero_policy
 from faster_vla.policies.tokenizer import PaligemmaTokenizer
 
-SMALL_TOKENIZER = Path(__file__).resolve().parents[1] / "checkpoints" / "pi05_small" / "tokenizer.model"
+SMALL_TOKENIZER = checkpoints.path("pi05_small/tokenizer.model")
 
 
 @dataclasses.dataclass(frozen=True)
