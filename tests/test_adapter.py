@@ -121,3 +121,14 @@ def test_images_of_another_size_are_resized_with_padding(actor, obs):
     big = {k: np.repeat(np.repeat(np.asarray(v), 2, axis=1), 2, axis=2) for k, v in obs.images.items()}
     prepared = actor.prepare(obs.replace(images=big))
     assert prepared.images["base_0_rgb"].shape == (BATCH, 56, 56, 3)
+
+
+def test_frozen_actor_cache_holds_what_the_actor_computes(actor, obs, prefix):
+    from faster_vla.replay import frozen_actor_cache
+
+    eps = np.asarray(noise(SMALL, BATCH, N, seed=5))
+    cache = frozen_actor_cache(actor, obs, eps, num_steps=10)
+    np.testing.assert_array_equal(cache["noise"], eps)
+    np.testing.assert_allclose(cache["features"], np.asarray(prefix.features), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cache["denoised"], np.asarray(actor.denoise(prefix, eps, num_steps=10)), rtol=1e-6,
+                               atol=1e-6)
