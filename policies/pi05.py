@@ -288,7 +288,13 @@ class Pi05Actor:
             return Prefix(kv_cache=kv_cache, mask=mask, pooled=pooled, last_token=last_token)
 
         def denoise(
-            params: Params, prefix: Prefix, x: jax.Array, num_steps: int, start_step: int, return_intermediates: bool
+            params: Params,
+            prefix: Prefix,
+            x: jax.Array,
+            num_steps: int,
+            start_step: int,
+            return_intermediates: bool,
+            end_step: int,
         ) -> jax.Array | tuple[jax.Array, Trajectory]:
             params = {"params": guard(params)}
             times = euler_times(num_steps)
@@ -299,11 +305,12 @@ class Pi05Actor:
                 v_t = module.apply(params, prefix.kv_cache, prefix.mask, x_t, time, method=Pi05Module.velocity)
                 return x_t + dt * v_t, x_t
 
-            x_0, history = jax.lax.scan(step, x, jnp.asarray(times[start_step:num_steps]))
+            x_end, history = jax.lax.scan(step, x, jnp.asarray(times[start_step:end_step]))
             if not return_intermediates:
-                return x_0
-            trajectory = Trajectory(x_t=jnp.concatenate([history, x_0[None]]), t=jnp.asarray(times[start_step:]))
-            return x_0, trajectory
+                return x_end
+            trajectory = Trajectory(x_t=jnp.concatenate([history, x_end[None]]),
+                                    t=jnp.asarray(times[start_step : end_step + 1]))
+            return x_end, trajectory
 
         def loss(
             params: Params,
@@ -326,7 +333,7 @@ class Pi05Actor:
             return jnp.mean(jnp.square(v_t - (noise - actions)), axis=-1)
 
         self._encode = jax.jit(encode)
-        self._denoise = jax.jit(denoise, static_argnums=(3, 4, 5))
+        self._denoise = jax.jit(denoise, static_argnums=(3, 4, 5, 6))
         self._loss = jax.jit(loss)
         self._frozen_loss = jax.jit(lambda p, *a: loss(guard(p), *a))
 
@@ -392,21 +399,27 @@ class Pi05Actor:
         *,
         start_step: int = 0,
         return_intermediates: bool = False,
+        end_step: int | None = None,
     ) -> jax.Array | tuple[jax.Array, Trajectory]:
         """Euler-integrates N candidates per observation from one shared prefix.
 
         noise: [b, n, horizon, action_dim], the state x_t at t = euler_times(num_steps)[start_step] (pure
-        noise for start_step 0). Returns actions [b, n, horizon, action_dim] and, with
-        `return_intermediates`, the `Trajectory` of every x_t visited.
+        noise for start_step 0). Integrates to `end_step` (default num_steps: the action at t ≈ 0; earlier
+        ends give the partially denoised x_t that filtering at intermediate steps scores). Returns
+        [b, n, horizon, action_dim] and, with `return_intermediates`, the `Trajectory` of every x_t visited.
         """
-        if not 0 <= start_step < num_steps:
-            raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
+        end_step = num_steps if end_step is None else end_step
+        if not 0 <= start_step < end_step <= num_steps:
+            raise ValueError(
+                f"need 0 <= start_step < end_step <= num_steps={num_steps}, got start_step={start_step}, "
+                f"end_step={end_step}"
+            )
         batch = prefix.mask.shape[0]
         noise = jnp.asarray(noise)
         if noise.ndim != 4:
             raise ValueError(f"noise must be [batch, n, horizon, action_dim], got shape {tuple(noise.shape)}")
         noise = self._check_noise(noise, (batch, noise.shape[1]), "noise")
-        return self._denoise(self.params, prefix, noise, num_steps, start_step, return_intermediates)
+        return self._denoise(self.params, prefix, noise, num_steps, start_step, return_intermediates, end_step)
 
     # -- openpi's API ---------------------------------------------------------------------------------
 
@@ -430,7 +443,7 @@ class Pi05Actor:
             noise = jax.random.normal(rng, (batch, self.config.action_horizon, self.config.action_dim))
         noise = self._check_noise(noise, (batch,), "noise")
         prefix = self._encode(self.params, obs)
-        return self._denoise(self.params, prefix, noise[:, None], num_steps, 0, False)[:, 0]
+        return self._denoise(self.params, prefix, noise[:, None], num_steps, 0, False, num_steps)[:, 0]
 
     def compute_loss(
         self,

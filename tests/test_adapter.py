@@ -59,6 +59,9 @@ def test_intermediates_and_resuming_from_an_intermediate_step(actor, prefix):
     for k in (1, 4, 9):
         resumed = actor.denoise(prefix, trajectory.x_t[k], num_steps=10, start_step=k)
         np.testing.assert_allclose(np.asarray(resumed), np.asarray(final), rtol=1e-6, atol=1e-6)
+        # Stopping early gives the partially denoised x_t of the same run (what intermediate filters score).
+        partial = actor.denoise(prefix, eps, num_steps=10, end_step=k)
+        np.testing.assert_allclose(np.asarray(partial), np.asarray(trajectory.x_t[k]), rtol=1e-6, atol=1e-6)
 
 
 def test_euler_times_accumulate_like_openpis_loop():
@@ -86,7 +89,7 @@ def test_features_are_masked_mean_and_last_valid_token(actor, obs, prefix):
 def test_no_gradient_reaches_the_frozen_actor(actor, prefix):
     eps = noise(SMALL, BATCH, 2)
     # Through the public path: the actor's parameters are behind stop_gradient ...
-    grads = jax.grad(lambda p: jnp.sum(actor._denoise(p, prefix, eps, 3, 0, False)))(actor.params)
+    grads = jax.grad(lambda p: jnp.sum(actor._denoise(p, prefix, eps, 3, 0, False, 3)))(actor.params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
     # ... while callers can still differentiate actions with respect to the noise.
     g_noise = jax.grad(lambda e: jnp.sum(actor.denoise(prefix, e, num_steps=3)))(eps)
