@@ -171,6 +171,7 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
     """
     from faster_vla.learner import Learner
     from faster_vla.replay import ReplayBuffer
+    from faster_vla.schedule import UpdateSchedule
 
     actor = FlowActor(task)
     config = toy_learner_config(task, run)
@@ -222,10 +223,13 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
         return float(np.sum(rewards)), bool(terminals[-1])
 
     train_env = ToyEnv(task, seed=run.seed)
+    schedule = UpdateSchedule("episode", updates_per_episode=run.updates_per_episode)
     for _ in range(run.episodes if run.rule != "base" else 0):  # nothing the base rule uses is learned
         key, sub = jax.random.split(key)
+        steps_before = replay.steps_added
         episode(train_env, learner, sub, store=True, rng=rng)
-        for _ in range(run.updates_per_episode):
+        due = schedule.updates_due(steps_before=steps_before, steps_after=replay.steps_added, episode_done=True)
+        for _ in range(due):
             if replay.num_windows(h) == 0:
                 break
             batch = replay.sample_windows(rng, run.utd * run.batch_size, h, config.gamma)
