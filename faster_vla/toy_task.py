@@ -24,6 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faster_vla.critics.edit_policy import EditPolicyConfig
+from faster_vla.critics.encoders import EncoderConfig
+from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
+from faster_vla.learner import Learner, LearnerConfig
+from faster_vla.replay import ReplayBuffer
+from faster_vla.schedule import UpdateSchedule
+from faster_vla.selection import SelectionConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class ToyTaskConfig:
@@ -138,13 +146,8 @@ class ToyRunConfig:
     seed: int = 0
 
 
-def toy_learner_config(task: ToyTaskConfig, run: ToyRunConfig):
+def toy_learner_config(task: ToyTaskConfig, run: ToyRunConfig) -> LearnerConfig:
     """Small critics for the toy task (the same network code as pi05_libero's, other sizes)."""
-    from faster_vla.critics.edit_policy import EditPolicyConfig
-    from faster_vla.critics.encoders import EncoderConfig
-    from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
-    from faster_vla.learner import LearnerConfig
-    from faster_vla.selection import SelectionConfig
 
     encoder = EncoderConfig(kind="backbone", state_dim=task.obs_dim, state_embed_dim=16,
                             feature_dim=task.feature_dim, feature_proj_dim=64)
@@ -169,9 +172,6 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
     Every stored step carries its cache (K = N noises and their chunks), so updates never call the actor;
     `actor_steps_per_decision` counts what the RULE needs the actor for when acting (Euler steps × chunks).
     """
-    from faster_vla.learner import Learner
-    from faster_vla.replay import ReplayBuffer
-    from faster_vla.schedule import UpdateSchedule
 
     actor = FlowActor(task)
     config = toy_learner_config(task, run)

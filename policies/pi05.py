@@ -31,7 +31,9 @@ from faster_vla.policies.config import (
     SiglipConfig,
     get_preset,
 )
+from faster_vla.policies.checkpoint import restore_params
 from faster_vla.policies.gemma import KVCache, MixtureGemma
+from faster_vla.policies.image_tools import resize_with_pad
 from faster_vla.policies.siglip import Siglip
 
 __all__ = [
@@ -344,8 +346,6 @@ class Pi05Actor:
 
         Images of another size are resized with padding to the model's resolution (openpi does the same).
         """
-        from faster_vla.policies.image_tools import resize_with_pad
-
         missing = [k for k in IMAGE_KEYS if k not in obs.images]
         if missing:
             raise ValueError(f"observation.images lacks {missing}; π0.5 needs all of {list(IMAGE_KEYS)}")
@@ -494,7 +494,5 @@ def load_openpi(config: Pi05Config, path: str | pathlib.Path, *, trainable: bool
     The checkpoint is checked against `config` from its metadata before any weight is read; a mismatch
     raises one error listing every offending parameter.
     """
-    from faster_vla.policies.checkpoint import restore_params
-
     params = restore_params(path, expected=param_shapes(config))
     return Pi05Actor(config, params, trainable=trainable)
