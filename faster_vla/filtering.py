@@ -36,6 +36,8 @@ import numpy as np
 from faster_vla.policies.pi05 import euler_times
 
 AdvanceFn = Callable[[jax.Array, int, int], jax.Array]
+# (seed_index [B, M] into the initial pool, Euler step k) -> x of those seeds at step k [B, M, H, A]
+LookupFn = Callable[[jax.Array, int], jax.Array]
 ScoreFn = Callable[[jax.Array, float], jax.Array]
 Visited = dict[str, Any]
 
@@ -187,11 +189,16 @@ def filter_and_denoise(
     rng: jax.Array,
     noise: jax.Array,  # [B, N, H, A]
     *,
-    advance: AdvanceFn,
+    advance: AdvanceFn | None = None,
+    lookup: LookupFn | None = None,
     score: ScoreFn,
     temperature: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, Visited]:
     """Runs the filtering MDP of paper §4.1 with a fixed schedule. jit-compatible (schedule and temperature static).
+
+    The actor is reached through exactly one of `advance` (run it: acting) or `lookup` (read what it computed
+    when the state was collected: updates). A frozen actor's x_t for seed i at step k depends only on (s, ε_i,
+    k), so a lookup by seed index gives the same candidates as advancing them (`cache_lookup`).
 
     Returns
     - final_chunk [B, H, A]: the survivor denoised to step T (the executed action a_i*);
@@ -208,6 +215,8 @@ def filter_and_denoise(
     """
     if noise.ndim != 4:
         raise ValueError(f"noise must be [B, N, H, A], got shape {noise.shape}")
+    if (advance is None) == (lookup is None):
+        raise ValueError("pass exactly one of `advance` (run the actor) or `lookup` (read its cached x_t)")
     batch, n = noise.shape[:2]
     if n != schedule.num_candidates:
         raise ValueError(f"noise pool has {n} seeds, the schedule expects num_candidates={schedule.num_candidates}")
@@ -217,7 +226,7 @@ def filter_and_denoise(
     x = noise
     seed_index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
     if schedule.steps[0] > 0:
-        x = advance(x, 0, schedule.steps[0])
+        x = advance(x, 0, schedule.steps[0]) if advance else lookup(seed_index, schedule.steps[0])
     ends = (*schedule.steps[1:], schedule.num_steps)
     fields: dict[str, list] = {k: [] for k in ("x_t", "t", "step", "scores", "kept", "kept_x_t", "seed_index")}
     for j, ((k, m), end) in enumerate(zip(schedule.stages, ends)):
@@ -231,13 +240,46 @@ def filter_and_denoise(
                             ("kept_x_t", survivors), ("seed_index", seed_index)):
             fields[name].append(value)
         seed_index = jnp.take_along_axis(seed_index, kept, axis=1)
-        x = advance(survivors, k, end)
+        x = advance(survivors, k, end) if advance else lookup(seed_index, end)
     visited: Visited = {name: tuple(values) for name, values in fields.items()}
     visited["candidate_steps"] = schedule.candidate_steps
     return x[:, 0], seed_index[:, 0], visited
 
 
 # -- actor adapters -----------------------------------------------------------------------------------------
+
+
+def cached_steps(schedule: FilterSchedule) -> tuple[int, ...]:
+    """The intermediate Euler steps (0 < k < T) whose x_t a frozen-actor cache must hold for `schedule`.
+
+    Step 0 is the noise itself and step T the denoised chunk, both cached anyway.
+    """
+    return tuple(k for k in schedule.steps if k > 0)
+
+
+def cache_lookup(
+    noise: jax.Array,  # [B, K, H, A] the initial pool (step 0)
+    x_t: jax.Array | None,  # [B, K, S, H, A] the pool at each of `steps` (S may be 0: None)
+    denoised: jax.Array,  # [B, K, H, A] the pool at step T
+    steps: Sequence[int],
+    num_steps: int,
+) -> LookupFn:
+    """`lookup` over a frozen-actor cache: seeds' x at step 0, at any cached intermediate step, or at T."""
+    steps = tuple(int(k) for k in steps)
+
+    def lookup(seed_index: jax.Array, step: int) -> jax.Array:
+        if step == 0:
+            pool = noise
+        elif step == num_steps:
+            pool = denoised
+        elif step in steps:
+            pool = x_t[:, :, steps.index(step)]
+        else:
+            raise ValueError(f"step {step} is not cached (cached intermediate steps: {steps}, plus 0 and "
+                             f"{num_steps}); build the cache with the filter schedule's `cached_steps`")
+        return _take(pool, seed_index)
+
+    return lookup
 
 
 def pi05_advance(actor, prefix, num_steps: int = 10) -> AdvanceFn:

@@ -5,7 +5,9 @@ step and one α step (EXPO's schedule). Each critic step trains
 - Q^a by chunked TD: y = R + γ^h·mask·min2 Q̄^a(s', a'), a' chosen at s' by the SAME selection rule the
   agent acts with (FASTER: Q̄^dn picks a seed, its cached chunk is edited, Q̄^a keeps base or edit);
 - Q^dn by regression onto sg[min2 Q̄^a(s, π(s, ε_i*))], the unedited chunk of the kept seed (paper
-  Algorithm 1), or of every cached seed (`noise_target="all"`).
+  Algorithm 1), or of every cached seed (`noise_target="all"`);
+- or, with a `filter_schedule` (the general filtering MDP of §4.1–4.2), a step-conditioned Q^dn(s, x_t, t) by
+  eq. 1's TD over the filter's stages, replayed from the cached x_t of every seed at the filter steps.
 Both targets read the actor's chunks from the frozen-actor cache of the replay (`cache`/`next_cache`), so
 an update never runs the VLA and costs the same whatever the actor's size.
 
@@ -42,6 +44,15 @@ from faster_vla.critics.networks import (
     min_of_random_pair,
     polyak,
 )
+from faster_vla.filtering import (
+    AdvanceFn,
+    FilterSchedule,
+    cache_lookup,
+    cached_steps,
+    filter_and_denoise,
+    filter_critic_loss,
+    filter_td_targets,
+)
 from faster_vla.selection import Selection, SelectionConfig, pick_seed, select
 
 Params = Any
@@ -67,6 +78,11 @@ class LearnerConfig:
     temperature_lr: float = 3e-4
     init_temperature: float = 1.0
     noise_target: Literal["kept", "all"] = "kept"
+    filter_schedule: FilterSchedule | None = None
+    """The general filtering MDP (paper §4.1–4.2) instead of §4.3's single filter at the initial noise: needs
+    a time-conditioned noise critic and the x_t of `cached_steps(schedule)` in the replay cache."""
+    filter_gamma: float = 1.0
+    """γ of eq. 1 per Euler step between filter stages (< 1 discounts later stages' values)."""
 
     def __post_init__(self) -> None:
         if self.chunk_critic.chunk_shape != self.edit_policy.chunk_shape:
@@ -80,6 +96,22 @@ class LearnerConfig:
             raise ValueError(f"noise_target must be 'kept' or 'all', got {self.noise_target!r}")
         if self.utd < 1 or self.batch_size < 1:
             raise ValueError("utd and batch_size must be >= 1")
+        schedule = self.filter_schedule
+        if schedule is not None:
+            if not self.selection.uses_noise_critic:
+                raise ValueError(f"filter_schedule filters with Q^dn, but selection rule {self.selection.rule!r} "
+                                 "uses none; choose 'faster' or 'faster_idql'")
+            if not self.noise_critic.time_conditioned:
+                raise ValueError("filter_schedule scores partially denoised x_t at several steps: set "
+                                 "noise_critic.time_conditioned=True")
+            if schedule.num_candidates != self.selection.num_candidates:
+                raise ValueError(f"filter_schedule.num_candidates ({schedule.num_candidates}) must equal "
+                                 f"selection.num_candidates ({self.selection.num_candidates})")
+            if self.noise_target != "kept":
+                raise ValueError("with filter_schedule, Q^dn learns by eq. 1's TD along the filter's own stages; "
+                                 "noise_target='all' does not apply (use 'kept')")
+        if not 0.0 < self.filter_gamma <= 1.0:
+            raise ValueError(f"filter_gamma must be in (0, 1], got {self.filter_gamma}")
 
     @property
     def horizon(self) -> int:
@@ -149,6 +181,9 @@ class Learner(flax.struct.PyTreeNode):
             q = self.noise_critic.apply_fn(self.noise_target, inputs, noise)
             return min_of_random_pair(q, k_dn)
 
+        def score_x_t(x_t: jax.Array, t: float) -> jax.Array:  # [B, M, H, Ad] at time t -> [B, M]
+            return min_of_random_pair(self.noise_critic.apply_fn(self.noise_target, inputs, x_t, t), k_dn)
+
         def q_chunk(chunks: jax.Array) -> jax.Array:  # [B, M, H, A] -> [B, M]
             return min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, inputs, chunks), k_q)
 
@@ -158,7 +193,27 @@ class Learner(flax.struct.PyTreeNode):
             edited, _ = policy.apply(self.edit_policy.params, _tile(inputs, m), flat, rng, method=EditPolicy.sample_edit)
             return edited.reshape(chunks.shape)
 
-        return {"score_noise": score_noise, "q_chunk": q_chunk, "edit": edit}
+        return {"score_noise": score_x_t if cfg.filter_schedule else score_noise, "q_chunk": q_chunk, "edit": edit}
+
+    def _filter_denoise(self, score: Callable, *, advance: AdvanceFn | None = None, lookup: Callable | None = None):
+        """The selection rule's `filter_denoise` for this learner's filter schedule (robot dims out)."""
+        cfg = self.config
+
+        def filter_denoise(rng: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            chunk, seed, visited = filter_and_denoise(cfg.filter_schedule, rng, noise, advance=advance, lookup=lookup,
+                                                      score=score, temperature=cfg.selection.temperature)
+            return _robot(chunk, cfg.action_dim), seed, visited["scores"][0]
+
+        return filter_denoise
+
+    def _cache_lookup(self, cache: dict) -> Callable:
+        """`filtering.cache_lookup` over a replay cache {'noise', 'denoised', 'x_t'?} (model-space chunks)."""
+        schedule = self.config.filter_schedule
+        steps = cached_steps(schedule)
+        if steps and "x_t" not in cache:
+            raise ValueError(f"filter schedule {schedule.stages} needs the cached x_t at steps {steps}: build the "
+                             "replay's FrozenActorCacheSpec with intermediate_steps=cached_steps(schedule)")
+        return cache_lookup(cache["noise"], cache.get("x_t"), cache["denoised"], steps, schedule.num_steps)
 
     def select(
         self,
@@ -167,11 +222,22 @@ class Learner(flax.struct.PyTreeNode):
         noise: jax.Array,  # [B, N, H, A_model]
         denoise: Callable[[jax.Array], jax.Array],  # idx [B, M] -> model-space chunks [B, M, H, A_model]
         selection: SelectionConfig | None = None,
+        advance: AdvanceFn | None = None,
     ) -> Selection:
-        """Chooses chunks (robot dims, normalised) with the train rule or `selection` (e.g. greedy eval)."""
+        """Chooses chunks (robot dims, normalised) with the train rule or `selection` (e.g. greedy eval).
+
+        With a `filter_schedule`, the `faster` rules reach the actor through `advance(x, start_step, end_step)`
+        (e.g. `filtering.pi05_advance`) instead, so the filter continues only its survivors; it is required then.
+        """
         config = selection or self.config.selection
         robot = lambda idx: _robot(denoise(idx), self.config.action_dim)  # noqa: E731
-        return select(config, rng, noise, denoise=robot, **self._rule_fns(inputs, rng))
+        fns = self._rule_fns(inputs, rng)
+        if self.config.filter_schedule is not None and config.uses_noise_critic:
+            if advance is None:
+                raise ValueError("this learner filters at several denoising steps: pass `advance` (the actor's "
+                                 "Euler steps from start_step to end_step, e.g. filtering.pi05_advance)")
+            fns["filter_denoise"] = self._filter_denoise(fns.pop("score_noise"), advance=advance)
+        return select(config, rng, noise, denoise=robot, **fns)
 
     # -- the update ----------------------------------------------------------------------------------
 
@@ -192,8 +258,11 @@ class Learner(flax.struct.PyTreeNode):
             cached = batch["next_cache"]["denoised"]  # [B, K, H, A_model]
             next_denoise = lambda idx: jnp.take_along_axis(cached, idx[:, :, None, None], axis=1)  # noqa: E731
         robot = lambda idx: _robot(next_denoise(idx), cfg.action_dim)  # noqa: E731
-        next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot,
-                             **self._rule_fns(next_inputs, k_sel)).action
+        fns = self._rule_fns(next_inputs, k_sel)
+        if cfg.filter_schedule is not None:
+            fns["filter_denoise"] = self._filter_denoise(fns.pop("score_noise"),
+                                                         lookup=self._cache_lookup(batch["next_cache"]))
+        next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot, **fns).action
         next_q = min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, next_inputs, next_action), k_target)
         return batch["returns"] + batch["discount"] * next_q
 
@@ -217,6 +286,9 @@ class Learner(flax.struct.PyTreeNode):
         pool = batch["cache"]["noise"]  # [B, K, H, Ad]
         denoised = _robot(batch["cache"]["denoised"], a)  # [B, K, H, A]
         k1, k2, k3 = jax.random.split(k_dn, 3)
+        if cfg.filter_schedule is not None:
+            loss_dn, q_dn, noise_critic = self._filter_critic_step(batch, k1, k3)
+            return self._finish_critic_step(chunk_critic, noise_critic, target, loss_q, q, loss_dn, q_dn)
         if cfg.noise_target == "kept":
             scores = min_of_random_pair(self.noise_critic.apply_fn(self.noise_target, inputs, pool), k1)
             kept = pick_seed(k2, scores, cfg.selection.temperature)[:, None]  # [B, 1]
@@ -234,7 +306,31 @@ class Learner(flax.struct.PyTreeNode):
 
         (loss_dn, q_dn), grads = jax.value_and_grad(dn_loss, has_aux=True)(self.noise_critic.params)
         noise_critic = self.noise_critic.apply_gradients(grads=grads)
+        return self._finish_critic_step(chunk_critic, noise_critic, target, loss_q, q, loss_dn, q_dn)
 
+    def _filter_critic_step(self, batch: dict, k_filter: jax.Array, k_value: jax.Array) -> tuple:
+        """Eq. 1 on the filtering episode replayed from the cache at s: target Q̄^dn filters, the executed
+        (unedited) survivor's min2 Q̄^a is the terminal reward, earlier stages bootstrap on the next's max."""
+        cfg = self.config
+        inputs = batch["inputs"]
+        score = self._rule_fns(inputs, k_filter)["score_noise"]  # target Q^dn(s, x_t, t), min of a random pair
+        final, _, visited = filter_and_denoise(cfg.filter_schedule, k_filter, batch["cache"]["noise"],
+                                               lookup=self._cache_lookup(batch["cache"]), score=score,
+                                               temperature=cfg.selection.temperature)
+        executed = _robot(final, cfg.action_dim)[:, None]  # [B, 1, H, A]
+        final_value = min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, inputs, executed), k_value)[:, 0]
+        targets = filter_td_targets(visited, final_value, cfg.filter_gamma)
+
+        def dn_loss(params: Params) -> tuple[jax.Array, jax.Array]:
+            first = self.noise_critic.apply_fn(params, inputs, visited["kept_x_t"][0], visited["t"][0])  # [E, B, m1]
+            return filter_critic_loss(params, self.noise_critic.apply_fn, inputs, visited, targets), first
+
+        (loss_dn, q_dn), grads = jax.value_and_grad(dn_loss, has_aux=True)(self.noise_critic.params)
+        return loss_dn, jnp.mean(q_dn), self.noise_critic.apply_gradients(grads=grads)
+
+    def _finish_critic_step(self, chunk_critic: TrainState, noise_critic: TrainState, target: jax.Array,
+                            loss_q: jax.Array, q: jax.Array, loss_dn: jax.Array, q_dn: jax.Array) -> tuple[Learner, dict]:
+        cfg = self.config
         new = self.replace(
             chunk_critic=chunk_critic,
             chunk_target=polyak(self.chunk_target, chunk_critic.params, cfg.tau),

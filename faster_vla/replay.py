@@ -91,29 +91,46 @@ class ReplayFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class FrozenActorCacheSpec:
-    """Shapes of the per-row cache of a frozen actor: K noises, their denoised chunks, backbone features."""
+    """Shapes of the per-row cache of a frozen actor: K noises, their denoised chunks, backbone features.
+
+    With `intermediate_steps` (the filtering MDP's filter steps, `filtering.cached_steps`), the cache also
+    holds every seed's partially denoised x_t at those Euler steps ('x_t' [K, S, H, A]), so updates can
+    replay a multi-stage filter without the actor.
+    """
 
     num_seeds: int = 8  # K (= N, the candidates the selection rule scores)
     action_horizon: int = 10  # H of the model's chunks
     action_dim: int = 32  # A of the model's (normalised, padded) action space
     feature_dim: int = 4096  # F: Prefix.features width, 2 · PaliGemma width
+    intermediate_steps: tuple[int, ...] = ()  # S Euler steps 0 < k < T whose x_t is cached
 
     def __post_init__(self) -> None:
         for name in ("num_seeds", "action_horizon", "action_dim", "feature_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        steps = tuple(int(k) for k in self.intermediate_steps)
+        if any(k < 1 for k in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(f"intermediate_steps must be strictly increasing Euler steps >= 1, got {steps}")
+        object.__setattr__(self, "intermediate_steps", steps)
 
     @classmethod
-    def from_config(cls, config: Any, num_seeds: int = 8) -> FrozenActorCacheSpec:
+    def from_config(
+        cls, config: Any, num_seeds: int = 8, intermediate_steps: tuple[int, ...] = ()
+    ) -> FrozenActorCacheSpec:
         """From a `faster_vla.policies.config.Pi05Config` (features = pooled + last token of the prefix)."""
-        return cls(num_seeds, config.action_horizon, config.action_dim, 2 * config.paligemma_config.width)
+        return cls(num_seeds, config.action_horizon, config.action_dim, 2 * config.paligemma_config.width,
+                   intermediate_steps)
 
     @property
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and dtype of each cache field."""
         chunk = (self.num_seeds, self.action_horizon, self.action_dim)
         f32 = np.dtype(np.float32)
-        return {"features": ((self.feature_dim,), f32), "noise": (chunk, f32), "denoised": (chunk, f32)}
+        shapes = {"features": ((self.feature_dim,), f32), "noise": (chunk, f32), "denoised": (chunk, f32)}
+        if self.intermediate_steps:
+            k, h, a = chunk
+            shapes["x_t"] = ((k, len(self.intermediate_steps), h, a), f32)
+        return shapes
 
     @property
     def nbytes_per_step(self) -> int:
@@ -138,24 +155,37 @@ def draw_cache_noise(rng: np.random.Generator, num_rows: int, spec: FrozenActorC
     return rng.standard_normal((num_rows, spec.num_seeds, spec.action_horizon, spec.action_dim), np.float32)
 
 
-def frozen_actor_cache(actor: Any, obs: Any, noise: Any, *, num_steps: int = 10) -> dict[str, np.ndarray]:
+def frozen_actor_cache(
+    actor: Any, obs: Any, noise: Any, *, num_steps: int = 10, intermediate_steps: tuple[int, ...] = ()
+) -> dict[str, np.ndarray]:
     """The cache rows of a batch of observations: encode once, denoise all K noises against that prefix.
 
     actor: a `Pi05Actor` (anything with `encode(obs) -> prefix with .features [b, F]` and
-    `denoise(prefix, noise [b, K, H, A], num_steps) -> [b, K, H, A]`); obs: a batch of b observations
-    (e.g. an episode's T + 1); noise [b, K, H, A]. Returns float32 numpy {'features' [b, F], 'noise'
-    [b, K, H, A], 'denoised' [b, K, H, A]}; 'denoised'[:, k] is the actor's chunk for noise k.
+    `denoise(prefix, noise [b, K, H, A], num_steps, return_intermediates=) -> [b, K, H, A]`); obs: a batch of b
+    observations (e.g. an episode's T + 1); noise [b, K, H, A]. Returns float32 numpy {'features' [b, F],
+    'noise' [b, K, H, A], 'denoised' [b, K, H, A]}, plus 'x_t' [b, K, S, H, A] at `intermediate_steps` when
+    given; 'denoised'[:, k] is the actor's chunk for noise k. The intermediates come from the same denoise.
     """
     noise = np.asarray(noise, np.float32)
     if noise.ndim != 4:
         raise ValueError(f"noise must be [batch, K, horizon, action_dim], got shape {list(noise.shape)}")
+    steps = tuple(int(k) for k in intermediate_steps)
+    if any(not 0 < k < num_steps for k in steps):
+        raise ValueError(f"intermediate_steps must lie strictly between 0 and num_steps={num_steps}, got {steps}")
     prefix = actor.encode(obs)
     features = np.asarray(prefix.features, np.float32)
-    denoised = np.asarray(actor.denoise(prefix, noise, num_steps=num_steps), np.float32)
-    if features.shape[0] != noise.shape[0] or denoised.shape != noise.shape:
-        raise ValueError(f"actor returned features {list(features.shape)} and chunks {list(denoised.shape)} "
+    cache = {"features": features, "noise": noise}
+    if steps:
+        denoised, trajectory = actor.denoise(prefix, noise, num_steps=num_steps, return_intermediates=True)
+        # trajectory.x_t [T + 1, b, K, H, A] -> [b, K, S, H, A]
+        cache["x_t"] = np.moveaxis(np.asarray(trajectory.x_t, np.float32)[list(steps)], 0, 2)
+    else:
+        denoised = actor.denoise(prefix, noise, num_steps=num_steps)
+    cache["denoised"] = np.asarray(denoised, np.float32)
+    if features.shape[0] != noise.shape[0] or cache["denoised"].shape != noise.shape:
+        raise ValueError(f"actor returned features {list(features.shape)} and chunks {list(cache['denoised'].shape)} "
                          f"for noise {list(noise.shape)}")
-    return {"features": features, "noise": noise, "denoised": denoised}
+    return cache
 
 
 # -- batches and episodes ---------------------------------------------------------------------------------

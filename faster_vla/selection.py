@@ -8,7 +8,10 @@ frozen-actor cache instead of the VLA:
   actor, or a lookup in the cache of chunks denoised when the state was collected);
 - `score_noise(noise [B, N, H, Ad]) -> [B, N]`: pessimistic Q^dn of each initial noise;
 - `q_chunk(chunks [B, M, H, A]) -> [B, M]`: pessimistic Q^a of each chunk;
-- `edit(rng, chunks [B, M, H, A]) -> [B, M, H, A]`: EXPO's edit (bounded, clipped) of each chunk.
+- `edit(rng, chunks [B, M, H, A]) -> [B, M, H, A]`: EXPO's edit (bounded, clipped) of each chunk;
+- optionally `filter_denoise(rng, noise) -> (chunk [B, H, A], seed [B], scores [B, N])`: the general filtering
+  MDP (`filtering.filter_and_denoise` with a survivor schedule and a step-conditioned Q^dn), which then
+  replaces the `faster` rules' score-once-and-denoise-the-winner.
 
 Rules (FASTER paper §4.3, EXPO):
 - `base`: seed 0, denoised, executed.
@@ -36,6 +39,7 @@ DenoiseFn = Callable[[jax.Array], jax.Array]
 ScoreNoiseFn = Callable[[jax.Array], jax.Array]
 QChunkFn = Callable[[jax.Array], jax.Array]
 EditFn = Callable[[jax.Array, jax.Array], jax.Array]
+FilterDenoiseFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +116,17 @@ def select(
     score_noise: ScoreNoiseFn | None = None,
     q_chunk: QChunkFn | None = None,
     edit: EditFn | None = None,
+    filter_denoise: FilterDenoiseFn | None = None,
 ) -> Selection:
     """Chooses one chunk per state with `config.rule` (see the module docstring). jit-compatible."""
     batch, n = noise.shape[:2]
     if n != config.num_candidates:
         raise ValueError(f"noise pool has {n} seeds, the rule expects num_candidates={config.num_candidates}")
+    if filter_denoise is not None and not config.uses_noise_critic:
+        raise ValueError(f"a filter schedule replaces Q^dn's seed choice; rule {config.rule!r} does not make one "
+                         "(use 'faster' or 'faster_idql')")
     for needed, fn, name in (
-        (config.uses_noise_critic, score_noise, "score_noise"),
+        (config.uses_noise_critic and filter_denoise is None, score_noise, "score_noise"),
         (config.uses_chunk_critic, q_chunk, "q_chunk"),
         (config.uses_edit, edit, "edit"),
     ):
@@ -133,9 +141,12 @@ def select(
         return Selection(base, base, idx, jnp.zeros((batch,), bool), None)
 
     if config.rule in ("faster", "faster_idql"):
-        scores = score_noise(noise)  # [B, N]
-        idx = pick_seed(pick_rng, scores, config.temperature)
-        base = denoise(idx[:, None])[:, 0]  # only the winner is denoised
+        if filter_denoise is not None:  # multi-stage filter: the survivor comes out denoised
+            base, idx, scores = filter_denoise(pick_rng, noise)
+        else:
+            scores = score_noise(noise)  # [B, N]
+            idx = pick_seed(pick_rng, scores, config.temperature)
+            base = denoise(idx[:, None])[:, 0]  # only the winner is denoised
         if config.rule == "faster_idql":
             return Selection(base, base, idx, jnp.zeros((batch,), bool), scores)
         edited = edit(edit_rng, base[:, None])[:, 0]

@@ -333,3 +333,52 @@ def test_noise_critic_learns_td_targets_on_toy():
         losses.append(float(loss))
     first, last = losses[0], losses[-1]
     assert np.isfinite(first) and last < 0.2 * first, (first, last)
+
+
+# -- the frozen-actor cache stands in for the actor -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [filtering.successive_halving(4, 10, 2), FilterSchedule(4, 10, ((3, 2), (7, 1)))])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_pi05_cache_lookup_equals_advancing_the_actor(pi05_setup, schedule, temperature):
+    """A filter replayed from `frozen_actor_cache` (x_t of every seed at the filter steps) makes the same choices
+    and the same x_t as one that runs π0.5 segment by segment: updates can train Q^dn without the actor."""
+    from faster_vla.replay import FrozenActorCacheSpec, frozen_actor_cache
+    from tests.small_models import SMALL, random_observation
+    from tests.small_models import noise as small_noise
+
+    actor, prefix = pi05_setup
+    obs = random_observation(SMALL, 2)
+    eps = small_noise(SMALL, 2, schedule.num_candidates, seed=7)
+    steps = filtering.cached_steps(schedule)
+    cache = frozen_actor_cache(actor, obs, eps, num_steps=schedule.num_steps, intermediate_steps=steps)
+    spec = FrozenActorCacheSpec.from_config(SMALL, schedule.num_candidates, steps)
+    spec.validate(cache, 2)
+    assert cache["x_t"].shape == (2, schedule.num_candidates, len(steps), SMALL.action_horizon, SMALL.action_dim)
+
+    score = _linear_score(1, SMALL.action_horizon, SMALL.action_dim)
+    live = filter_and_denoise(schedule, jax.random.key(1), eps, advance=filtering.pi05_advance(actor, prefix),
+                              score=score, temperature=temperature)
+    lookup = filtering.cache_lookup(*(jnp.asarray(cache[k]) for k in ("noise", "x_t", "denoised")), steps,
+                                    schedule.num_steps)
+    cached = filter_and_denoise(schedule, jax.random.key(1), eps, lookup=lookup, score=score, temperature=temperature)
+    np.testing.assert_array_equal(np.asarray(live[1]), np.asarray(cached[1]))
+    np.testing.assert_allclose(np.asarray(live[0]), np.asarray(cached[0]), atol=1e-5)
+    for a, b in zip(live[2]["x_t"], cached[2]["x_t"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    for a, b in zip(live[2]["kept"], cached[2]["kept"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lookup_errors():
+    schedule = FilterSchedule(4, 10, ((3, 2), (7, 1)))
+    noise = jnp.zeros((2, 4, H, A))
+    with pytest.raises(ValueError, match="exactly one"):
+        filter_and_denoise(schedule, jax.random.key(0), noise, score=_linear_score())
+    lookup = filtering.cache_lookup(noise, jnp.zeros((2, 4, 1, H, A)), noise, (3,), 10)  # step 7 missing
+    with pytest.raises(ValueError, match="step 7 is not cached"):
+        filter_and_denoise(schedule, jax.random.key(0), noise, lookup=lookup, score=_linear_score())
+    from faster_vla.replay import FrozenActorCacheSpec
+
+    with pytest.raises(ValueError, match="strictly increasing"):
+        FrozenActorCacheSpec(intermediate_steps=(3, 3))

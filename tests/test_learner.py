@@ -96,3 +96,94 @@ def test_mismatched_shapes_are_refused():
     config = toy_learner_config(TASK, ToyRunConfig())
     with pytest.raises(ValueError, match="same chunk shape"):
         dataclasses.replace(config, edit_policy=dataclasses.replace(config.edit_policy, chunk_shape=(3, 2)))
+
+
+# -- the general filtering MDP (paper §4.1–4.2) wired into the learner ------------------------------------------
+
+def _filter_learner(schedule) -> Learner:
+    base = toy_learner_config(TASK, ToyRunConfig(rule="faster", hidden=32, members=4, utd=2, batch_size=B))
+    config = dataclasses.replace(base, filter_schedule=schedule, filter_gamma=0.9, noise_target="kept",
+                                 noise_critic=dataclasses.replace(base.noise_critic, time_conditioned=True))
+    example = jnp.zeros((1, 4))
+    return Learner.create(config, {"features": toy_features(example), "state": example}, seed=0)
+
+
+def _with_intermediates(actor: FlowActor, batch: dict, schedule, utd: int | None = None) -> dict:
+    """Adds the frozen-actor cache's x_t [.., K, S, H, A] at the schedule's filter steps to cache and next_cache."""
+    from faster_vla.filtering import cached_steps, flow_actor_advance
+
+    steps = cached_steps(schedule)
+    for cache_key, inputs_key in (("cache", "inputs"), ("next_cache", "next_inputs")):
+        obs = np.asarray(batch[inputs_key]["state"]).reshape(-1, 4)
+        noise = np.asarray(batch[cache_key]["noise"])
+        flat = noise.reshape(-1, *noise.shape[-3:])
+        advance = flow_actor_advance(actor, jnp.asarray(obs))
+        x_t = np.stack([np.asarray(advance(jnp.asarray(flat), 0, k)) for k in steps], axis=2)
+        batch[cache_key]["x_t"] = x_t.reshape(*noise.shape[:-2], len(steps), *noise.shape[-2:])
+    return batch
+
+
+@pytest.mark.parametrize("stages", [((0, 4), (1, 2), (2, 1)), ((3, 2), (7, 1))])
+def test_filter_td_target_from_cache_equals_running_the_actor(stages):
+    from faster_vla.critics.networks import min_of_random_pair
+    from faster_vla.filtering import FilterSchedule, flow_actor_advance
+
+    schedule = FilterSchedule(N, TASK.num_steps, stages)
+    actor = FlowActor(TASK)
+    learner = _filter_learner(schedule)
+    batch = jax.tree.map(jnp.asarray, _with_intermediates(actor, _batch(actor), schedule))
+    rng = jax.random.key(3)
+    cached = learner.td_target(batch, rng)
+
+    # Without the cache: the acting rule at s' runs the actor segment by segment, continuing only survivors.
+    k_sel, k_target = jax.random.split(rng)
+    next_obs = batch["next_inputs"]["state"]
+    live = learner.select(k_sel, batch["next_inputs"], batch["next_cache"]["noise"],
+                          denoise=lambda idx: pytest.fail("the filter must not denoise whole seeds"),
+                          advance=flow_actor_advance(actor, next_obs))
+    q = learner.chunk_critic.apply_fn(learner.chunk_target, batch["next_inputs"], live.action)
+    expected = batch["returns"] + batch["discount"] * min_of_random_pair(q, k_target)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_filter_update_trains_a_step_conditioned_noise_critic():
+    from faster_vla.filtering import successive_halving
+
+    schedule = successive_halving(N, TASK.num_steps)  # ((0, 4), (1, 2), (2, 1))
+    actor = FlowActor(TASK)
+    learner = _filter_learner(schedule)
+    batch = jax.tree.map(jnp.asarray, _with_intermediates(actor, _batch(actor, utd=2), schedule, utd=2))
+    losses = []
+    new = learner
+    for _ in range(25):
+        new, info = new.update(batch)
+        losses.append(float(info["noise_critic_loss"]))
+    assert all(np.isfinite(float(v)) for v in info.values())
+    assert losses[-1] < 0.5 * losses[0]
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new.noise_critic.params),
+                                                          jax.tree.leaves(learner.noise_critic.params)))
+    assert moved > 0
+    # A cache without the filter steps' x_t is refused with the fix in the message.
+    del batch["cache"]["x_t"]
+    with pytest.raises(ValueError, match="intermediate_steps=cached_steps"):
+        learner.update(batch)
+
+
+def test_filter_config_errors():
+    from faster_vla.filtering import successive_halving
+
+    base = dataclasses.replace(toy_learner_config(TASK, ToyRunConfig(rule="faster")), noise_target="kept")
+    timed = dataclasses.replace(base.noise_critic, time_conditioned=True)
+    with pytest.raises(ValueError, match="time_conditioned=True"):
+        dataclasses.replace(base, filter_schedule=successive_halving(8))
+    with pytest.raises(ValueError, match="uses none"):
+        dataclasses.replace(base, noise_critic=timed, filter_schedule=successive_halving(8),
+                            selection=dataclasses.replace(base.selection, rule="best_of_n"))
+    with pytest.raises(ValueError, match="must equal"):
+        dataclasses.replace(base, noise_critic=timed, filter_schedule=successive_halving(4))
+    with pytest.raises(ValueError, match="noise_target"):
+        dataclasses.replace(base, noise_critic=timed, filter_schedule=successive_halving(8), noise_target="all")
+    learner = _filter_learner(successive_halving(N, TASK.num_steps))
+    with pytest.raises(ValueError, match="pass `advance`"):
+        learner.select(jax.random.key(0), {"features": toy_features(jnp.zeros((1, 4))), "state": jnp.zeros((1, 4))},
+                       jnp.zeros((1, N, TASK.horizon, TASK.action_dim)), denoise=lambda idx: None)
