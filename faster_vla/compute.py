@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import jax
 
+from faster_vla.filtering import FilterSchedule
 from faster_vla.policies import flops as actor_flops
 from faster_vla.policies.config import Pi05Config
 from faster_vla.selection import SelectionConfig
@@ -53,12 +54,22 @@ class UnitFlops:
 
 
 def decision_flops(selection: SelectionConfig, units: UnitFlops, *, num_steps: int = 10,
-                   prefix_shared: bool = True) -> DecisionFlops:
-    """FLOPs of one decision under `selection`; `prefix_shared=False` re-runs the prefix per denoised chunk."""
+                   prefix_shared: bool = True, filter_schedule: FilterSchedule | None = None) -> DecisionFlops:
+    """FLOPs of one decision under `selection`; `prefix_shared=False` re-runs the prefix per denoised chunk.
+
+    With a multi-stage `filter_schedule` (the `faster` rules only), the actor runs the schedule's
+    candidate-steps and Q^dn scores every stage's pool.
+    """
     n = selection.num_candidates
     denoised = selection.denoised_per_state
     prefix = units.prefix * (1 if prefix_shared else denoised)
     noise = n * units.noise_critic if selection.uses_noise_critic else 0
+    steps = denoised * num_steps
+    if filter_schedule is not None:
+        if not selection.uses_noise_critic:
+            raise ValueError(f"a filter schedule applies to the 'faster' rules, not {selection.rule!r}")
+        steps = filter_schedule.candidate_steps
+        noise = sum(filter_schedule.pool_sizes) * units.noise_critic
     if selection.rule == "best_of_n":
         edits, scored = n, 2 * n
     elif selection.rule == "idql":
@@ -69,7 +80,7 @@ def decision_flops(selection: SelectionConfig, units: UnitFlops, *, num_steps: i
         edits, scored = 0, 0
     return DecisionFlops(
         prefix=prefix,
-        denoise=denoised * num_steps * units.denoise_step,
+        denoise=steps * units.denoise_step,
         noise_critic=noise,
         chunk_critic=scored * units.chunk_critic,
         edit=edits * units.edit,

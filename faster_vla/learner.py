@@ -172,7 +172,12 @@ class Learner(flax.struct.PyTreeNode):
 
     # -- the selection rule, wired to this learner's (target) critics --------------------------------
 
-    def _rule_fns(self, inputs: Inputs, rng: jax.Array) -> dict[str, Callable]:
+    def critic_fns(self, inputs: Inputs, rng: jax.Array) -> dict[str, Callable]:
+        """The selection rule's critic callables at states `inputs`, on the TARGET critics (pessimistic pairs).
+
+        'score_noise' is Q^dn(s, ε) (or, with a filter schedule, the step-conditioned Q^dn(s, x_t, t)),
+        'q_chunk' is Q^a, 'edit' the edit policy's sample. Acting, evaluation and TD targets all use these.
+        """
         cfg = self.config
         k_dn, k_q = jax.random.split(rng)
         policy = EditPolicy(cfg.edit_policy)
@@ -195,7 +200,7 @@ class Learner(flax.struct.PyTreeNode):
 
         return {"score_noise": score_x_t if cfg.filter_schedule else score_noise, "q_chunk": q_chunk, "edit": edit}
 
-    def _filter_denoise(self, score: Callable, *, advance: AdvanceFn | None = None, lookup: Callable | None = None):
+    def filter_denoise_fn(self, score: Callable, *, advance: AdvanceFn | None = None, lookup: Callable | None = None):
         """The selection rule's `filter_denoise` for this learner's filter schedule (robot dims out)."""
         cfg = self.config
 
@@ -231,12 +236,12 @@ class Learner(flax.struct.PyTreeNode):
         """
         config = selection or self.config.selection
         robot = lambda idx: _robot(denoise(idx), self.config.action_dim)  # noqa: E731
-        fns = self._rule_fns(inputs, rng)
+        fns = self.critic_fns(inputs, rng)
         if self.config.filter_schedule is not None and config.uses_noise_critic:
             if advance is None:
                 raise ValueError("this learner filters at several denoising steps: pass `advance` (the actor's "
                                  "Euler steps from start_step to end_step, e.g. filtering.pi05_advance)")
-            fns["filter_denoise"] = self._filter_denoise(fns.pop("score_noise"), advance=advance)
+            fns["filter_denoise"] = self.filter_denoise_fn(fns.pop("score_noise"), advance=advance)
         return select(config, rng, noise, denoise=robot, **fns)
 
     # -- the update ----------------------------------------------------------------------------------
@@ -258,9 +263,9 @@ class Learner(flax.struct.PyTreeNode):
             cached = batch["next_cache"]["denoised"]  # [B, K, H, A_model]
             next_denoise = lambda idx: jnp.take_along_axis(cached, idx[:, :, None, None], axis=1)  # noqa: E731
         robot = lambda idx: _robot(next_denoise(idx), cfg.action_dim)  # noqa: E731
-        fns = self._rule_fns(next_inputs, k_sel)
+        fns = self.critic_fns(next_inputs, k_sel)
         if cfg.filter_schedule is not None:
-            fns["filter_denoise"] = self._filter_denoise(fns.pop("score_noise"),
+            fns["filter_denoise"] = self.filter_denoise_fn(fns.pop("score_noise"),
                                                          lookup=self._cache_lookup(batch["next_cache"]))
         next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot, **fns).action
         next_q = min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, next_inputs, next_action), k_target)
@@ -313,7 +318,7 @@ class Learner(flax.struct.PyTreeNode):
         (unedited) survivor's min2 Q̄^a is the terminal reward, earlier stages bootstrap on the next's max."""
         cfg = self.config
         inputs = batch["inputs"]
-        score = self._rule_fns(inputs, k_filter)["score_noise"]  # target Q^dn(s, x_t, t), min of a random pair
+        score = self.critic_fns(inputs, k_filter)["score_noise"]  # target Q^dn(s, x_t, t), min of a random pair
         final, _, visited = filter_and_denoise(cfg.filter_schedule, k_filter, batch["cache"]["noise"],
                                                lookup=self._cache_lookup(batch["cache"]), score=score,
                                                temperature=cfg.selection.temperature)

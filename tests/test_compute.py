@@ -48,3 +48,17 @@ def test_xla_flops_counts_a_dense_layer():
     params = mlp.init(jax.random.key(0), x)
     flops = xla_flops(lambda p, x: mlp.apply(p, x), params, x)
     assert 2 * 32 * 64 <= flops <= 2 * 32 * 64 + 4 * 64  # the matmul, plus bias/activation work
+
+
+def test_filter_schedule_flops():
+    from faster_vla.filtering import single_step, successive_halving
+
+    units = UnitFlops(prefix=1000, denoise_step=10, noise_critic=3, chunk_critic=5, edit=7)
+    faster = SelectionConfig("faster", num_candidates=8)
+    halving = successive_halving(8, 10)  # pools 8, 4, 2; candidate-steps 4 + 2 + 8 = 14
+    f = decision_flops(faster, units, filter_schedule=halving)
+    assert f.denoise == 14 * 10 and f.noise_critic == (8 + 4 + 2) * 3 and f.prefix == 1000
+    f = decision_flops(faster, units, filter_schedule=single_step(8, 4))  # 8·4 + 6 = 38
+    assert f.denoise == 38 * 10 and f.noise_critic == 8 * 3
+    with pytest.raises(ValueError, match="faster"):
+        decision_flops(SelectionConfig("best_of_n", 8), units, filter_schedule=halving)
