@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
+from faster_vla.compute import xla_flops
 from faster_vla.critics.edit_policy import (
     EditPolicy,
     EditPolicyConfig,
@@ -368,6 +369,10 @@ class Learner(flax.struct.PyTreeNode):
         temperature = self.temperature.apply_gradients(grads=grads)
         info.update(temperature_loss=loss_t, alpha=alpha)
         return self.replace(edit_policy=edit_policy, temperature=temperature), info
+
+    def update_flops(self, batch: dict, next_denoiser: NextDenoiser | None = None) -> int:
+        """FLOPs XLA counts for one `update(batch, next_denoiser)`: with the cache, critics only (no actor)."""
+        return xla_flops(lambda learner, b: learner.update(b, next_denoiser), self, batch)
 
     @functools.partial(jax.jit, static_argnames="next_denoiser")
     def update(self, batch: dict, next_denoiser: NextDenoiser | None = None) -> tuple[Learner, dict]:

@@ -187,3 +187,26 @@ def test_filter_config_errors():
     with pytest.raises(ValueError, match="pass `advance`"):
         learner.select(jax.random.key(0), {"features": toy_features(jnp.zeros((1, 4))), "state": jnp.zeros((1, 4))},
                        jnp.zeros((1, N, TASK.horizon, TASK.action_dim)), denoise=lambda idx: None)
+
+
+class _ToyNextDenoiser:
+    """Runs the toy actor at s_{t+h} inside the update (what the cache saves); hashable for jit."""
+
+    def __init__(self, actor: FlowActor) -> None:
+        self.actor = actor
+
+    def __call__(self, minibatch: dict):
+        def denoise(idx):
+            seeds = jnp.take_along_axis(minibatch["next_cache"]["noise"], idx[:, :, None, None], axis=1)
+            return self.actor._denoise_impl(minibatch["next_inputs"]["state"], seeds)
+        return denoise
+
+
+def test_update_flops_count_the_actor_only_without_the_cache():
+    actor = FlowActor(TASK)
+    learner = _learner("best_of_n")
+    batch = jax.tree.map(jnp.asarray, _batch(actor, utd=2))
+    cached = learner.update_flops(batch)
+    recomputed = learner.update_flops(batch, _ToyNextDenoiser(actor))
+    assert cached > 0
+    assert recomputed > cached  # the same update plus the actor's denoising of N seeds at every s_{t+h}
