@@ -504,38 +504,49 @@ class ReplayBuffer:
             self._table_cache = np.array(rows, np.int64).reshape(len(rows), 4)
         return self._table_cache
 
-    def _valid_counts(self, h: int) -> np.ndarray:
-        """int64 [E]: valid starts per stored episode (`num_valid_starts`, vectorised)."""
+    def _valid_counts(self, h: int, stride: int = 1) -> np.ndarray:
+        """int64 [E]: valid starts per stored episode (`num_valid_starts`, vectorised), every `stride`-th step."""
         table = self._table()
         length, terminal = table[:, 2], table[:, 3].astype(bool)
-        return np.where(terminal, length, np.maximum(length - h + 1, 0))
+        counts = np.where(terminal, length, np.maximum(length - h + 1, 0))
+        return (counts + stride - 1) // stride  # starts 0, stride, 2·stride, … below counts
 
-    def num_windows(self, h: int) -> int:
-        """Valid window starts over all stored episodes."""
+    def num_windows(self, h: int, stride: int = 1) -> int:
+        """Valid window starts over all stored episodes (starts at multiples of `stride` only)."""
         _check_h(h)
-        return int(self._valid_counts(h).sum())
+        _check_stride(stride)
+        return int(self._valid_counts(h, stride).sum())
 
-    def sample_windows(self, rng: np.random.Generator, batch_size: int, h: int, gamma: float) -> ChunkBatch:
-        """batch_size windows, i.i.d. uniform (with replacement) over every valid (episode, start)."""
+    def sample_windows(
+        self, rng: np.random.Generator, batch_size: int, h: int, gamma: float, stride: int = 1
+    ) -> ChunkBatch:
+        """batch_size windows, i.i.d. uniform (with replacement) over every valid (episode, start).
+
+        `stride` > 1 starts windows only at steps 0, stride, 2·stride, … of each episode: when observations
+        exist only at chunk boundaries (`stride` = h, LIBERO's chunk_boundary rendering), every window then
+        starts and bootstraps at a step that was observed.
+        """
         _check_h(h)
+        _check_stride(stride)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        counts = self._valid_counts(h)
+        counts = self._valid_counts(h, stride)
         total = int(counts.sum())
         if total == 0:
             raise ValueError(f"no valid {h}-step window in the buffer ({self.num_episodes} episodes)")
         cum = np.cumsum(counts)
         u = rng.integers(0, total, size=batch_size)
         ep = np.searchsorted(cum, u, side="right")
-        t = u - (cum[ep] - counts[ep])
+        t = (u - (cum[ep] - counts[ep])) * stride
         return self._gather(ep, t, h, gamma)
 
-    def all_windows(self, h: int, gamma: float) -> ChunkBatch:
+    def all_windows(self, h: int, gamma: float, stride: int = 1) -> ChunkBatch:
         """Every valid window, episodes oldest first, starts ascending (deterministic; for tests and eval)."""
         _check_h(h)
-        counts = self._valid_counts(h)
+        _check_stride(stride)
+        counts = self._valid_counts(h, stride)
         ep = np.repeat(np.arange(len(counts)), counts)
-        t = np.concatenate([np.arange(c) for c in counts]) if len(counts) else np.zeros(0, np.int64)
+        t = np.concatenate([np.arange(c) * stride for c in counts]) if len(counts) else np.zeros(0, np.int64)
         return self._gather(ep, t.astype(np.int64), h, gamma)
 
     def _gather(self, ep: np.ndarray, t: np.ndarray, h: int, gamma: float) -> ChunkBatch:
@@ -654,6 +665,11 @@ class ReplayBuffer:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _check_stride(stride: int) -> None:
+    if not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
 
 
 def _check_h(h: int) -> None:

@@ -380,3 +380,23 @@ def test_frozen_actor_cache_maps_each_seed_through_its_observation():
     np.testing.assert_allclose(cache["denoised"], 2 * noise + np.array([1, 5, 9])[:, None, None, None])
     with pytest.raises(ValueError, match="noise must be"):
         frozen_actor_cache(_FakeActor(), obs, noise[0], num_steps=5)
+
+
+def test_strided_windows_start_and_bootstrap_at_chunk_boundaries():
+    """With observations only at chunk boundaries (stride = h), windows start at 0, h, 2h, … and bootstrap at
+    t + h or at the episode's end; every other rule (returns, masks) is the unstrided one's."""
+    buf = ReplayBuffer(64)
+    buf.add_episode(**make_episode(0, 7, [0, 0, 0, 0, 0, 0, 1], terminal=True))  # done inside the 3rd chunk
+    buf.add_episode(**make_episode(1, 9, [1] * 9, terminal=False))  # cut at 9: starts 0, 3, 6
+    assert buf.num_windows(3, stride=3) == 3 + 3
+    b = buf.all_windows(3, 0.5, stride=3)
+    assert b.t.tolist() == [0, 3, 6, 0, 3, 6]
+    assert b.next_observations["x"][:, 1].tolist() == [3, 6, 7, 3, 6, 9]
+    full = buf.all_windows(3, 0.5)
+    for i, (ep, t) in enumerate(zip(b.episode, b.t)):
+        j = int(np.flatnonzero((full.episode == ep) & (full.t == t))[0])
+        assert b.returns[i] == full.returns[j] and b.discount[i] == full.discount[j]
+    sampled = buf.sample_windows(np.random.default_rng(0), 200, 3, 0.5, stride=3)
+    assert set(sampled.t.tolist()) == {0, 3, 6}
+    with pytest.raises(ValueError, match="stride"):
+        buf.num_windows(3, stride=0)
