@@ -21,10 +21,11 @@ import jax
 import numpy as np
 
 from faster_vla import checkpoints
+from faster_vla.actor_source import unit_norm_stats
+
 from faster_vla.policies import flops
 from faster_vla.policies.checkpoint import save_params
 from faster_vla.policies.config import PI05_SMALL
-from faster_vla.policies.normalize import NormStats
 from faster_vla.policies.pi05 import init_params, load_openpi
 from faster_vla.policies.policy import make_libero_policy
 from faster_vla.policies.tokenizer import PaligemmaTokenizer
@@ -48,14 +49,6 @@ class DemoArgs:
     """Seed for weights, observation and noise."""
     checkpoint_dir: Path | None = None
     """Where to write the small openpi checkpoint (default: a temporary directory, removed afterwards)."""
-
-
-def _unit_norm_stats() -> dict[str, NormStats]:
-    """Quantiles [-1, 1]: normalisation is (almost) the identity, as fits random weights with no data."""
-    def unit(dim: int) -> NormStats:
-        return NormStats(mean=np.zeros(dim), std=np.ones(dim), q01=-np.ones(dim), q99=np.ones(dim))
-
-    return {"state": unit(8), "actions": unit(7)}
 
 
 def libero_observation(prompt: str, seed: int = 0) -> dict:
@@ -93,7 +86,7 @@ def run_demo(args: DemoArgs) -> dict:
         load_s = time.perf_counter() - start
 
     tokenizer = PaligemmaTokenizer(SMALL_TOKENIZER, max_len=config.max_token_len)
-    policy = make_libero_policy(actor, tokenizer=tokenizer, norm_stats=_unit_norm_stats(), num_steps=args.num_steps,
+    policy = make_libero_policy(actor, tokenizer=tokenizer, norm_stats=unit_norm_stats(), num_steps=args.num_steps,
                                 seed=args.seed)
     obs = libero_observation(args.prompt, args.seed)
     first = policy.infer(obs)["policy_timing"]

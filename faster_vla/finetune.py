@@ -1,0 +1,397 @@
+"""The FASTER-EXPO fine-tuning run on LIBERO (the paper's VLA protocol, §5.3 and appendix B).
+
+One episode at a time: act with the train-time selection rule, executing whole chunks; store the episode
+with the frozen-actor cache of every state a window can start or bootstrap at; run the learner's updates
+(episode-wise: U updates of UTD critic steps each); every K episodes evaluate greedily on a fixed set of the
+suite's init states; log, plot and checkpoint. Counters: env steps, episodes, successes, and FLOPs split into
+acting, caching and updates (cumulative: the paper's Fig. 7 x-axis).
+
+Everything a resume needs is in the run checkpoint (learner, replay with its cache, sampling RNG,
+counters); per-episode randomness (init state, noises) derives from (seed, episode), so a resumed run
+continues exactly as an uninterrupted one would from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faster_vla.actor_source import ActorSource
+from faster_vla.agent import Agent, critic_inputs
+from faster_vla.critics.edit_policy import EditPolicyConfig
+from faster_vla.critics.encoders import EncoderConfig
+from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
+from faster_vla.learner import Learner, LearnerConfig
+from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, resolve_task
+from faster_vla.policies import flops as actor_flops
+from faster_vla.replay import ChunkBatch, FrozenActorCacheSpec, ReplayBuffer
+from faster_vla.run_checkpoint import RunCheckpointer
+from faster_vla.run_log import RunLogger, ensure_writable_dir
+from faster_vla.schedule import UpdateSchedule
+from faster_vla.selection import SelectionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticConfig:
+    """Critic and edit-policy sizes (defaults: the ≈20M-parameter noise critic of the design card)."""
+
+    hidden_dims: tuple[int, ...] = (768, 768)
+    """Hidden widths of every ensemble member's MLP (and of the edit policy)."""
+    num_members: int = 10
+    """Ensemble members of Q^a and Q^dn (min over a random pair)."""
+    feature_proj_dim: int = 1024
+    """Width the frozen backbone's prefix features are projected to."""
+    state_embed_dim: int = 64
+    """Width of the proprio state embedding."""
+    edit_scale: float = 0.2
+    """EXPO's β: the edit's bound around the base chunk (normalised units); 0.2 for the VLA."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A FASTER-EXPO (or EXPO, or base) fine-tuning run of π0.5 on one LIBERO task."""
+
+    run_dir: Path = Path("runs/faster_expo")
+    """Run folder: config, metrics, plots, wandb files and checkpoints."""
+    actor: ActorSource = ActorSource()
+    """The frozen π0.5 policy being fine-tuned."""
+    env: LiberoEnvConfig = LiberoEnvConfig()
+    """The LIBERO task (suite, task id or name, rendering)."""
+    selection: SelectionConfig = SelectionConfig("faster", num_candidates=8, temperature=0.0)
+    """Train-time selection rule (evaluation uses the same rule, greedy)."""
+    critics: CriticConfig = CriticConfig()
+    """Critic sizes."""
+    episodes: int = 500
+    """Training episodes."""
+    updates_per_episode: int = 3
+    """Updates after each episode (the paper's VLA setting: 3)."""
+    utd: int = 10
+    """Critic steps per update (each on its own minibatch)."""
+    batch_size: int = 32
+    """Windows per critic step."""
+    gamma: float = 0.99
+    """Per-step discount."""
+    tau: float = 0.005
+    """Polyak rate of the target critics."""
+    learning_rate: float = 3e-4
+    """Adam learning rate of critics, edit policy and α."""
+    num_steps: int = 10
+    """Euler denoising steps of the actor."""
+    window_starts: Literal["chunk", "step"] = "chunk"
+    """Where replay windows may start: at chunk boundaries (observed when rendering chunk_boundary), or at
+    every step (the paper's all-sliding-windows; needs env.render_mode=every_step and caches every step)."""
+    replay_capacity: int = 100_000
+    """Replay size in env steps (whole episodes are evicted, oldest first)."""
+    cache_batch: int = 16
+    """Observations per actor call when caching an episode."""
+    eval_every: int = 10
+    """Evaluate every this many episodes (0: never); also at the end."""
+    eval_episodes: int = 10
+    """Evaluation episodes, on the suite's init states 0..eval_episodes-1 (the same every time)."""
+    checkpoint_every: int = 5
+    """Save a run checkpoint every this many episodes (and after each evaluation and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept by recency."""
+    keep_best: int = 1
+    """Checkpoints kept by eval success."""
+    resume: bool = False
+    """Continue the run in run_dir from its latest checkpoint."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb logging: offline (default, no login), online, or disabled."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+    seed: int = 0
+    """Seed of init-state choice, noises, critics and replay sampling."""
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "updates_per_episode", "utd", "batch_size", "num_steps", "replay_capacity",
+                     "cache_batch", "checkpoint_every", "keep_last", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
+        if self.window_starts not in ("chunk", "step"):
+            raise ValueError(f"window_starts must be 'chunk' or 'step', got {self.window_starts!r}")
+        if self.window_starts == "step" and self.env.render_mode != "every_step":
+            raise ValueError("window_starts='step' trains on windows starting at every step, which needs an "
+                             "observation at every step: set --env.render-mode every_step (or use "
+                             "--window-starts chunk)")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+
+
+def learner_config(config: TrainConfig, actor_config: Any) -> LearnerConfig:
+    """Critics sized by `config.critics`, shaped for this actor (chunks [H, 7], noise [H, A_model])."""
+    c = config.critics
+    encoder = EncoderConfig(kind="backbone", state_dim=8, state_embed_dim=c.state_embed_dim,
+                            feature_dim=2 * actor_config.paligemma_config.width, feature_proj_dim=c.feature_proj_dim)
+    chunk = (actor_config.action_horizon, 7)
+    return LearnerConfig(
+        chunk_critic=ChunkCriticConfig(encoder=encoder, chunk_shape=chunk, hidden_dims=c.hidden_dims,
+                                       num_members=c.num_members),
+        noise_critic=NoiseCriticConfig(encoder=encoder, noise_shape=(actor_config.action_horizon,
+                                                                     actor_config.action_dim),
+                                       hidden_dims=c.hidden_dims, num_members=c.num_members),
+        edit_policy=EditPolicyConfig(encoder=encoder, chunk_shape=chunk, hidden_dims=c.hidden_dims, beta=c.edit_scale),
+        selection=config.selection,
+        gamma=config.gamma, tau=config.tau, utd=config.utd, batch_size=config.batch_size,
+        critic_lr=config.learning_rate, policy_lr=config.learning_rate, temperature_lr=config.learning_rate,
+    )
+
+
+def to_learner_batch(windows: ChunkBatch, utd: int) -> dict:
+    """Replay windows (utd·B of them) -> the learner's batch, every leaf [utd, B, ...].
+
+    Critic inputs are the stored normalised state plus the cached prefix features; the rest of the cache
+    (noises, their chunks, filter x_t) is what targets read instead of running the actor.
+    """
+    def inputs(obs: Mapping[str, np.ndarray], cache: Mapping[str, np.ndarray]) -> dict:
+        out = {"state": obs["state"]}
+        if "features" in cache:
+            out["features"] = cache["features"]
+        return out
+
+    def actor_part(cache: Mapping[str, np.ndarray]) -> dict:
+        return {k: v for k, v in cache.items() if k != "features"}
+
+    batch = {
+        "inputs": inputs(windows.observations, windows.cache),
+        "next_inputs": inputs(windows.next_observations, windows.next_cache),
+        "actions": windows.actions, "returns": windows.returns, "discount": windows.discount,
+        "cache": actor_part(windows.cache), "next_cache": actor_part(windows.next_cache),
+    }
+    return jax.tree.map(lambda x: jnp.asarray(x).reshape(utd, -1, *x.shape[1:]), batch)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """An update produced a NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Counters:
+    """Cumulative run counters (saved in every checkpoint)."""
+
+    episodes: int = 0
+    env_steps: int = 0
+    successes: int = 0
+    updates: int = 0
+    acting_flops: float = 0.0
+    cache_flops: float = 0.0
+    update_flops: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return self.acting_flops + self.cache_flops + self.update_flops
+
+
+class Run:
+    """The pieces of one run, built and checked before anything expensive happens."""
+
+    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.log = log
+        ensure_writable_dir(config.run_dir)
+        check_libero_installed()
+        resolve_task(config.env.suite, config.env.task)
+        config.env.episode_max_steps()
+        config.actor.check()
+        self.policy = config.actor.build(num_steps=config.num_steps, policy_seed=config.seed)
+        actor_config = self.policy.actor.config
+        self.learner_config = learner_config(config, actor_config)
+        self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed)
+        self.horizon = actor_config.action_horizon
+        self.stride = self.horizon if config.window_starts == "chunk" else 1
+        self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.selection.num_candidates)
+        self.eval_selection = dataclasses.replace(config.selection, temperature=0.0)
+        self.schedule = UpdateSchedule("episode", updates_per_episode=config.updates_per_episode)
+        example = self.learner_config.chunk_critic.encoder.example_inputs(1)
+        self.learner = Learner.create(self.learner_config, example, seed=config.seed)
+        self.replay = ReplayBuffer(config.replay_capacity, cache_spec=self.cache_spec)
+        self.sample_rng = np.random.default_rng([config.seed, 1])
+        self.counters = Counters()
+        self.checkpointer = RunCheckpointer(config.run_dir / "checkpoints", keep_last=config.keep_last,
+                                            keep_best=config.keep_best)
+        self._update_flops: float | None = None
+        self._cache_row_flops = float(actor_flops.prefix_flops(actor_config) + config.selection.num_candidates
+                                      * config.num_steps * actor_flops.denoise_flops(actor_config, num_candidates=1,
+                                                                                     num_steps=1))
+
+    # -- one episode -----------------------------------------------------------------------------------------
+
+    def episode(self, env: LiberoEnv, init_state: int, key: jax.Array, *, train: bool) -> dict[str, Any]:
+        """Runs one episode; when `train`, stores it (with its cache) in replay. Returns its summary."""
+        selection = self.config.selection if train else self.eval_selection
+        obs = env.reset(init_state)
+        boundary_obs = [obs]  # observations at chunk boundaries (and the final one)
+        step_obs: list[dict] = [obs]  # one per step when rendering every step
+        actions, rewards = [], []
+        done = truncated = False
+        timing: dict[str, float] = {}
+        acting_flops = 0.0
+        while not (done or truncated):
+            key, sub = jax.random.split(key)
+            decision = self.agent.act(self.learner, obs, selection=selection, rng=sub)
+            result = env.step_chunk(decision.actions)
+            n = result.num_steps
+            actions.append(decision.normalized[:n])
+            rewards.append(result.rewards)
+            done, truncated = result.done, result.truncated
+            obs = result.obs
+            boundary_obs.append(obs)
+            if self.stride == 1:
+                if "observations" not in result.info:
+                    raise RuntimeError("window_starts='step' needs the env to return every step's observation "
+                                       "(info['observations'], render_mode='every_step')")
+                step_obs.extend(result.info["observations"])
+            acting_flops += decision.flops.total
+            for part, ms in decision.timing_ms.items():
+                timing[part] = timing.get(part, 0.0) + ms
+        actions_arr = np.concatenate(actions).astype(np.float32)
+        rewards_arr = np.concatenate(rewards).astype(np.float32)
+        summary = {"success": bool(done), "steps": int(len(rewards_arr)), "return": float(rewards_arr.sum()),
+                   "acting_flops": acting_flops, "timing_ms": timing}
+        summary["cache_flops"] = 0.0
+        if train and self.config.selection.rule != "base":  # nothing the base rule uses is learned
+            summary["cache_flops"] = self._store(step_obs if self.stride == 1 else boundary_obs, actions_arr,
+                                                 rewards_arr, done, key)
+        return summary
+
+    def _store(self, observed: list[dict], actions: np.ndarray, rewards: np.ndarray, terminal: bool,
+               key: jax.Array) -> float:
+        """Adds one episode to replay; rows a window can start or bootstrap at get the frozen-actor cache."""
+        length = len(actions)
+        rows = np.arange(length + 1)
+        observed_rows = rows if self.stride == 1 else np.minimum(np.arange(len(observed)) * self.stride, length)
+        model_obs = self.agent.observations(observed)
+        spec = self.cache_spec
+        noise = np.asarray(jax.random.normal(key, (len(observed), spec.num_seeds, spec.action_horizon,
+                                                  spec.action_dim)), np.float32)
+        cache_rows = self.agent.cache(model_obs, noise, batch_size=self.config.cache_batch)
+        state = np.asarray(critic_inputs(self.learner_config.chunk_critic.encoder, model_obs,
+                                         cache_rows["features"])["state"], np.float32)
+        # Scatter the observed rows into per-step arrays; unobserved rows are never a window's s_t or s_{t+h}.
+        full_state = np.zeros((length + 1, state.shape[1]), np.float32)
+        full_cache = {k: np.zeros((length + 1, *v.shape[1:]), np.float32) for k, v in cache_rows.items()}
+        full_state[observed_rows] = state
+        for k, v in cache_rows.items():
+            full_cache[k][observed_rows] = v
+        terminals = np.zeros(length, bool)
+        terminals[-1] = terminal
+        self.replay.add_episode({"state": full_state}, actions, rewards, terminals, truncated=not terminal,
+                                cache=full_cache)
+        return self._cache_row_flops * len(observed)
+
+    # -- updates -------------------------------------------------------------------------------------------
+
+    def update(self) -> dict[str, float]:
+        """One learner update on utd·B windows; raises NonFiniteLossError on a NaN/Inf."""
+        cfg = self.config
+        windows = self.replay.sample_windows(self.sample_rng, cfg.utd * cfg.batch_size, self.horizon, cfg.gamma,
+                                             stride=self.stride)
+        batch = to_learner_batch(windows, cfg.utd)
+        if self._update_flops is None:
+            self._update_flops = float(self.learner.update_flops(batch))
+        learner, info = self.learner.update(batch)
+        info = {k: float(v) for k, v in info.items()}
+        bad = [k for k, v in info.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"update {self.counters.updates + 1} produced non-finite {bad}: the run stops; "
+                                     f"its last good checkpoint is in {self.checkpointer.directory}. Lower "
+                                     "--learning-rate or check the rewards and actions.")
+        self.learner = learner
+        self.counters.updates += 1
+        self.counters.update_flops += self._update_flops
+        return info
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, env: LiberoEnv) -> float:
+        """Greedy selection on init states 0..eval_episodes-1 (the same ones every time)."""
+        n = min(self.config.eval_episodes, env.num_init_states)
+        key = jax.random.key(self.config.seed + 1_000_003)
+        results = [self.episode(env, i, jax.random.fold_in(key, i), train=False) for i in range(n)]
+        return float(np.mean([r["success"] for r in results]))
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def save(self, eval_success: float | None) -> None:
+        self.checkpointer.save(self.counters.episodes, self.learner, self.replay, self.sample_rng,
+                               dataclasses.asdict(self.counters), eval_success=eval_success)
+
+    def restore(self) -> bool:
+        """Loads the latest checkpoint into this run; False when there is none."""
+        restored = self.checkpointer.restore_latest(self.learner)
+        if restored is None:
+            return False
+        self.learner, self.replay = restored.learner, restored.replay
+        self.sample_rng = np.random.default_rng()
+        self.sample_rng.bit_generator.state = restored.rng_state
+        self.counters = Counters(**restored.counters)
+        return True
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run; returns the final counters and last eval success."""
+    run = Run(config, log=log)
+    if config.resume:
+        if not run.restore():
+            raise FileNotFoundError(f"--resume: no checkpoint in {run.checkpointer.directory}; start without --resume")
+        log(f"resumed {config.run_dir} at episode {run.counters.episodes} ({run.counters.env_steps} env steps)")
+    elif run.checkpointer.latest_episode is not None:
+        raise FileExistsError(f"{config.run_dir} already holds a run: pass --resume to continue it, or choose "
+                              "another --run-dir")
+    max_steps = config.env.episode_max_steps()
+    eval_success: float | None = None
+    # `resume` is how this process starts, not part of the run: the stored config never carries it.
+    with RunLogger(config.run_dir, dataclasses.replace(config, resume=False), resume=config.resume, wandb_mode=config.wandb_mode,
+                   total_env_steps=config.episodes * max_steps, progress=config.progress) as logger:
+        if config.resume:
+            logger.rewind(run.counters.episodes)  # drop records logged after the checkpoint
+        env = LiberoEnv(config.env)
+        try:
+            key = jax.random.key(config.seed)
+            while run.counters.episodes < config.episodes:
+                start = time.perf_counter()
+                episode = run.counters.episodes
+                init_state = int(np.random.default_rng([config.seed, 2, episode]).integers(env.num_init_states))
+                summary = run.episode(env, init_state, jax.random.fold_in(key, episode), train=True)
+                steps_before = run.replay.steps_added - summary["steps"]
+                c = run.counters
+                c.episodes += 1
+                c.env_steps += summary["steps"]
+                c.successes += int(summary["success"])
+                c.acting_flops += summary["acting_flops"]
+                c.cache_flops += summary["cache_flops"]
+                infos = []
+                due = run.schedule.updates_due(steps_before=steps_before, steps_after=run.replay.steps_added,
+                                               episode_done=True)
+                if config.selection.rule != "base" and run.replay.num_windows(run.horizon, run.stride) > 0:
+                    infos = [run.update() for _ in range(due)]
+                c.wall_s += time.perf_counter() - start
+                metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
+                           "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
+                           "flops/update": c.update_flops, "train/success": float(summary["success"]),
+                           "train/success_rate": c.successes / c.episodes, "train/episode_steps": summary["steps"],
+                           "wall_s": c.wall_s}
+                metrics.update({f"time_ms/{k}": v for k, v in summary["timing_ms"].items()})
+                if infos:
+                    metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
+                evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or c.episodes == config.episodes
+                if evaluate:
+                    eval_success = run.evaluate(env)
+                    metrics["eval/success_rate"] = eval_success
+                logger.log(metrics, step=c.episodes)
+                if evaluate or c.episodes % config.checkpoint_every == 0:
+                    run.save(eval_success if evaluate else None)
+        finally:
+            env.close()
+    return {"counters": dataclasses.asdict(run.counters), "eval_success": eval_success}
