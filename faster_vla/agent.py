@@ -86,6 +86,7 @@ class Decision:
     normalized: np.ndarray  # [H, A] normalised robot dims, what replay stores and critics see
     seed_index: int  # which of the N noises the chunk came from
     edited: bool  # whether EXPO's edit won
+    noise_scores: np.ndarray | None  # [N] pessimistic Q^dn of each seed (rules that score noises)
     timing_ms: dict[str, float]  # wall time per part
     flops: DecisionFlops  # FLOPs per part (analytic actor + XLA-counted critics)
 
@@ -209,7 +210,9 @@ class Agent:
         timing["output_transform"] += 1e3 * (time.perf_counter() - start)
         timing["total"] = sum(timing.values())
         return Decision(actions=np.asarray(out["actions"]), normalized=normalized, seed_index=int(chosen.seed_index[0]),
-                        edited=bool(chosen.edited[0]), timing_ms=dict(timing),
+                        edited=bool(chosen.edited[0]),
+                        noise_scores=None if chosen.noise_scores is None else np.asarray(chosen.noise_scores[0]),
+                        timing_ms=dict(timing),
                         flops=self.decision_flops(learner, selection))
 
     # -- what replay rows need from the actor --------------------------------------------------------------

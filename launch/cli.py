@@ -1,4 +1,4 @@
-"""The `faster-vla` command: one tyro subcommand per job (train, eval, export and serve join as they land).
+"""The `faster-vla` command: one tyro subcommand per job (demo, train, eval, select-tasks, export, serve).
 
 Each subcommand is a frozen dataclass of arguments (its docstring is the help text) mapped to the
 function that runs it, so every field is a `--flag` and every default is visible in `--help`.
@@ -11,10 +11,20 @@ from typing import Any
 
 import tyro
 
+from faster_vla.evaluate import EvalConfig, SelectTasksConfig
 from faster_vla.launch.demo import DemoArgs, run_demo
+from faster_vla.launch.evaluate import run_eval, run_select_tasks
+from faster_vla.launch.export import ExportArgs, run_export
+from faster_vla.launch.serve import ServeArgs, run_serve
+from faster_vla.launch.train import TrainArgs, run_train
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "demo": (DemoArgs, run_demo),
+    "train": (TrainArgs, run_train),
+    "eval": (EvalConfig, run_eval),
+    "select-tasks": (SelectTasksConfig, run_select_tasks),
+    "export": (ExportArgs, run_export),
+    "serve": (ServeArgs, run_serve),
 }
 
 

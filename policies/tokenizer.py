@@ -45,9 +45,11 @@ def clean_prompt(prompt: str) -> str:
 class PaligemmaTokenizer:
     """Sentencepiece PaliGemma tokenizer producing fixed-length (tokens, mask) pairs for π0.5."""
 
-    def __init__(self, path: str | Path | None = None, max_len: int = 200) -> None:
+    def __init__(self, path: str | Path | None = None, max_len: int = 200, *, strict: bool = False) -> None:
         """`path`: a local sentencepiece model, a gs:// URL (downloaded into openpi's cache), or None for the
-        cached PaliGemma tokenizer."""
+        cached PaliGemma tokenizer. `strict`: a prompt longer than max_len raises instead of being truncated
+        with a warning (openpi's behaviour); servers use it so a client learns its prompt was cut."""
+        self.strict = strict
         if max_len <= 0:
             raise ValueError(f"max_len must be positive, got {max_len}")
         if path is not None and download.is_remote(path):
@@ -86,6 +88,9 @@ class PaligemmaTokenizer:
             tokens = self._sp.encode(text, add_bos=True) + self._sp.encode("\n")
 
         n = len(tokens)
+        if n > self._max_len and self.strict:
+            raise ValueError(f"the prompt is {n} tokens, more than the model's max_token_len {self._max_len}: "
+                             f"shorten it (prompt: {prompt[:80]!r})")
         if n > self._max_len:
             logger.warning(
                 "Token length (%d) exceeds max length (%d), truncating; consider a larger max_token_len.",

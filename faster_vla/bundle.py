@@ -1,0 +1,223 @@
+"""Tuned policies leave the run as bundles; `load_policy` turns a bundle or an openpi checkpoint into a policy.
+
+A bundle is an openpi checkpoint plus what FASTER acts with, so openpi's tools still read its actor:
+
+    <bundle>/params/                                     the π0.5 actor, openpi's release layout
+    <bundle>/assets/physical-intelligence/libero/        norm_stats.json, where openpi keeps LIBERO's
+    <bundle>/critics/params/                             target Q^dn, target Q^a and the edit policy (orbax)
+    <bundle>/tokenizer.model                             when the run's tokenizer is a local file (else referenced)
+    <bundle>/faster_vla_bundle.json                      format version, actor preset, the run's config,
+                                                         selection rule, provenance (run, episode, eval success)
+
+`export_bundle` writes all of it into a temporary sibling and moves it into place in one step; an existing
+bundle is replaced only with `force`. `load_policy(path)` returns a `TunedPolicy` for a bundle (acting with
+the run's selection rule, greedily) or the base `Policy` for a plain openpi checkpoint; both have openpi's
+`infer(obs) -> {"actions": [H, 7], ...}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from faster_vla.actor_source import LIBERO_ASSETS, ActorSource
+from faster_vla.agent import Agent
+from faster_vla.evaluate import from_jsonable, load_run
+from faster_vla.finetune import TrainConfig, learner_config
+from faster_vla.learner import Learner
+from faster_vla.policies import download
+from faster_vla.policies.checkpoint import restore_params, save_params
+from faster_vla.policies.config import get_preset
+from faster_vla.policies.normalize import save_norm_stats
+from faster_vla.policies.policy import Policy
+from faster_vla.run_log import to_jsonable
+from faster_vla.selection import RULES, SelectionConfig
+
+BUNDLE_FILE = "faster_vla_bundle.json"
+BUNDLE_FORMAT = "faster_vla.bundle"
+BUNDLE_VERSION = 1
+
+
+class BundleError(ValueError):
+    """The folder is not a bundle this version reads, or a request does not fit it."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("faster-vla")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: Literal["best", "latest"] = "best",
+                  force: bool = False) -> Path:
+    """Writes the bundle of a fine-tuning run's best (or latest) checkpoint to `out`; returns `out`."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config, learner, episode = load_run(Path(run_dir), checkpoint)
+    eval_success = _eval_success(Path(run_dir), episode)
+    policy = config.actor.build(num_steps=config.num_steps)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        shutil.rmtree(tmp)  # save_params creates the folder itself and refuses an existing one
+        save_params(tmp, policy.actor.params)  # tmp/params: openpi's release layout
+        save_params(tmp / "critics", _acting_params(learner))
+        save_norm_stats(tmp / LIBERO_ASSETS, _norm_stats(policy))
+        tokenizer = _tokenizer_reference(config.actor, tmp)
+        manifest = {
+            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+            "actor": {"preset": config.actor.preset, "tokenizer": tokenizer, "num_steps": config.num_steps},
+            "train_config": to_jsonable(dataclasses.replace(config, resume=False), strict=False),
+            "selection": dataclasses.asdict(config.selection),
+            "provenance": {"run_dir": str(Path(run_dir).resolve()), "episode": episode, "eval_success": eval_success,
+                           "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "faster_vla": _version(), "jax": jax.__version__},
+        }
+        (tmp / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        download.move_into_place(tmp, out, replace=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _acting_params(learner: Learner) -> dict:
+    """What acting reads: the target critics (pessimistic pairs) and the online edit policy."""
+    return {"noise_critic": learner.noise_target, "chunk_critic": learner.chunk_target,
+            "edit_policy": learner.edit_policy.params}
+
+
+def _eval_success(run_dir: Path, episode: int) -> float | None:
+    from faster_vla.run_checkpoint import RunCheckpointer
+
+    return RunCheckpointer(run_dir / "checkpoints").eval_success(episode)
+
+
+def _norm_stats(policy: Policy) -> dict:
+    """The norm stats the policy's transforms use (Normalize inside its input transform)."""
+    for transform in getattr(policy.input_transform, "transforms", ()):
+        if hasattr(transform, "norm_stats"):
+            return dict(transform.norm_stats)
+    raise BundleError("the policy has no Normalize transform to take norm stats from")
+
+
+def _tokenizer_reference(source: ActorSource, bundle: Path) -> str | None:
+    """Copies a local tokenizer into the bundle (returns its name); a remote or default one stays a reference."""
+    from faster_vla import checkpoints
+    from faster_vla.actor_source import SHIPPED_TOKENIZER
+
+    path = source.tokenizer
+    if path is None and source.preset in SHIPPED_TOKENIZER:
+        path = str(checkpoints.path(SHIPPED_TOKENIZER[source.preset]))
+    if path is None or download.is_remote(path):
+        return path  # None: PaliGemma's tokenizer from openpi's cache
+    shutil.copyfile(Path(path).expanduser(), bundle / "tokenizer.model")
+    return "tokenizer.model"
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+
+
+class TunedPolicy:
+    """A bundle's π0.5 with its critics and edit policy, acting by the run's selection rule (greedy).
+
+    `infer(obs, noise=None, num_candidates=None, selection=None, return_scores=False)`: openpi's LIBERO
+    observation in, `actions` [H, 7] (un-normalised) and `policy_timing` out; `noise` [N, H, A_model] fixes the
+    seed pool (caller-chosen seeds); `num_candidates` / `selection` (a rule name) override the bundle's per
+    request; `return_scores` adds `seed_index`, `edited` and `noise_scores` [N].
+    """
+
+    def __init__(self, agent: Agent, learner: Learner, selection: SelectionConfig, metadata: Mapping[str, Any]) -> None:
+        self.agent = agent
+        self.learner = learner
+        self.selection = selection
+        self.metadata = dict(metadata)
+
+    def infer(self, obs: Mapping[str, Any], *, noise: np.ndarray | None = None, num_candidates: int | None = None,
+              selection: str | None = None, return_scores: bool = False) -> dict[str, Any]:
+        state = np.asarray(obs.get("observation/state", np.zeros(0)), dtype=np.float64)
+        if state.size and not np.all(np.isfinite(state)):
+            raise ValueError("observation/state contains NaN or Inf")
+        config = self.selection
+        if selection is not None:
+            if selection not in RULES:
+                raise ValueError(f"unknown selection {selection!r}; choose one of {list(RULES)}")
+            config = dataclasses.replace(config, rule=selection)
+        if noise is not None:
+            noise = np.asarray(noise, np.float32)
+            if noise.ndim == 2:
+                noise = noise[None]
+            num_candidates = noise.shape[0] if num_candidates is None else num_candidates
+            if noise.shape[0] != num_candidates:
+                raise ValueError(f"noise holds {noise.shape[0]} seeds but num_candidates is {num_candidates}")
+        if num_candidates is not None:
+            if not isinstance(num_candidates, (int, np.integer)) or not 1 <= num_candidates <= 1024:
+                raise ValueError(f"num_candidates must be an int in [1, 1024], got {num_candidates!r}")
+            config = dataclasses.replace(config, num_candidates=int(num_candidates))
+        decision = self.agent.act(self.learner, obs, selection=config, noise=noise)
+        out: dict[str, Any] = {"actions": decision.actions, "policy_timing": decision.timing_ms}
+        if return_scores:
+            out.update(seed_index=decision.seed_index, edited=decision.edited)
+            if decision.noise_scores is not None:
+                out["noise_scores"] = decision.noise_scores
+        return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The bundle's manifest, checked for format and version."""
+    manifest_path = Path(path) / BUNDLE_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not a faster-vla bundle ({BUNDLE_FILE} unreadable: {exc})") from exc
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{manifest_path} is not a faster-vla bundle manifest (format {manifest.get('format')!r})")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path} is a version {manifest.get('version')} bundle; this faster-vla reads version "
+                          f"{BUNDLE_VERSION}: re-export it with this version (`faster-vla export`)")
+    return manifest
+
+
+def load_policy(path: str | Path, *, preset: str = "pi05_libero", strict_prompts: bool = True,
+                seed: int = 0) -> TunedPolicy | Policy:
+    """A bundle -> `TunedPolicy`; a plain openpi checkpoint (folder with params/) -> the base `Policy`.
+
+    `preset` names the architecture of a plain checkpoint (a bundle records its own). With `strict_prompts`,
+    a prompt longer than the model's max_token_len is an error rather than silently truncated.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a bundle from `faster-vla export` or an openpi "
+                                "checkpoint folder")
+    if not (path / BUNDLE_FILE).exists():
+        return ActorSource(preset, checkpoint=str(path)).build(policy_seed=seed, strict_prompts=strict_prompts)
+    manifest = read_manifest(path)
+    config = from_jsonable(TrainConfig, manifest["train_config"])
+    tokenizer = manifest["actor"]["tokenizer"]
+    if tokenizer is not None and not download.is_remote(tokenizer):
+        tokenizer = str(path / tokenizer)
+    source = ActorSource(manifest["actor"]["preset"], checkpoint=str(path), tokenizer=tokenizer)
+    policy = source.build(num_steps=manifest["actor"]["num_steps"], policy_seed=seed, strict_prompts=strict_prompts)
+    lconfig = learner_config(config, get_preset(source.preset))
+    learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _acting_params(learner))
+    params = restore_params(path / "critics", expected=shapes)
+    learner = learner.replace(noise_target=params["noise_critic"], chunk_target=params["chunk_critic"],
+                              edit_policy=learner.edit_policy.replace(params=params["edit_policy"]))
+    selection = dataclasses.replace(config.selection, temperature=0.0)
+    agent = Agent(policy, lconfig, num_steps=manifest["actor"]["num_steps"], seed=seed)
+    metadata = {"bundle": str(path), "selection": dataclasses.asdict(selection), **manifest["provenance"],
+                "action_horizon": policy.actor.config.action_horizon}
+    return TunedPolicy(agent, learner, selection, metadata)

@@ -1,0 +1,489 @@
+"""Serve a policy over openpi's websocket protocol, so openpi's own clients drive it unchanged.
+
+openpi runs simulators and robots in a separate client process (`openpi-client` on the package index,
+`WebsocketClientPolicy`) that talks to a policy server. This module is that server, wire-compatible with
+it (facts: `shared/spec/serving.md` of the steering repository):
+
+- numpy inside msgpack, as openpi encodes it (`packb`/`unpackb`): an array is a map
+  `{b"__ndarray__": True, b"data": bytes, b"dtype": dtype.str, b"shape": [...]}`, a numpy scalar
+  `{b"__npgeneric__": True, b"data": value, b"dtype": dtype.str}`; decoded arrays are read-only views of the
+  message. bfloat16 (and other void), complex and object dtypes are refused; jax arrays are copied to numpy.
+- On connect the server sends one binary frame: the msgpack'd metadata. Then, per request, the client sends
+  a msgpack'd observation dict and gets back `policy.infer(obs)` (for a π0.5 policy: `"actions"`
+  [horizon, action_dim] and `"policy_timing"`) plus `"server_timing"`: `"infer_ms"` (time inside `infer`) and,
+  from the second request of a connection on, `"prev_total_ms"` (the previous request's time in the server,
+  from its observation arriving to its reply being sent).
+- A failing request gets its traceback as a TEXT frame and the connection is closed with code 1011
+  (`WebsocketClientPolicy.infer` raises RuntimeError); the server goes on serving everyone else.
+- `GET /healthz` answers 200 "OK\\n" (no API key needed). No frame-size limit (images), no compression.
+- Optional API key: clients must send `Authorization: Api-Key <key>` (`WebsocketClientPolicy(api_key=...)`);
+  a missing key is answered 401, a wrong one 403, before the websocket opens.
+
+Noise steering (an extension of openpi's protocol, as DSRL-style projects add it): an observation may carry
+`"noise"`, the initial flow noise [horizon, model_action_dim] as float32. The server removes it from the
+observation and calls `policy.infer(obs, noise=noise)`, so the caller chooses the seed the actions are
+denoised from (a noise-space policy, or FASTER's selected seed, steers a frozen π0.5 this way). A policy whose
+`infer` has no `noise` parameter refuses it, and when the metadata has `"noise_shape"` a noise of another shape
+is refused, in both cases with an error to that client rather than a silent fallback. openpi's own clients
+never send `"noise"`, so the field costs them nothing.
+
+Requests are run one at a time on one worker thread (a policy holds a noise stream and is not thread-safe);
+the event loop stays free meanwhile, so health checks, pings and new connections are answered during a long
+inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import hmac
+import http.client
+import inspect
+import logging
+import signal
+import socket
+import threading
+import time
+import traceback
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+from typing import Any, Protocol
+
+import jax
+import msgpack
+import numpy as np
+import websockets
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as _ws_serve
+from websockets.http11 import Request, Response
+
+logger = logging.getLogger(__name__)
+
+NOISE_KEY = "noise"
+# Per-request options a client may put in the observation; each is passed to `policy.infer` as a keyword when
+# its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, openpi's base `Policy` only noise).
+REQUEST_OPTIONS = (NOISE_KEY, "num_candidates", "selection", "return_scores")
+HEALTH_PATH = "/healthz"
+ERROR_CLOSE_CODE = 1011  # RFC 6455 "internal error"
+
+# dtype kinds numpy cannot carry as raw bytes that another process decodes to the same values:
+# void covers ml_dtypes' bfloat16 (whose dtype.str is '<V2') and structured dtypes.
+_REFUSED_KINDS = {"V": "void/bfloat16", "O": "object", "c": "complex"}
+
+
+# -- codec ---------------------------------------------------------------------------------------------------
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.kind in _REFUSED_KINDS:
+        hint = "cast it first, e.g. x.astype(np.float32)" if dtype.kind != "O" else "send numeric arrays instead"
+        raise ValueError(
+            f"cannot encode numpy dtype {dtype} ({_REFUSED_KINDS[dtype.kind]}): openpi's msgpack-numpy format "
+            f"carries raw bytes of numpy's built-in non-complex dtypes only; {hint}"
+        )
+
+
+def _encode(obj: Any) -> Any:
+    """msgpack `default` hook: numpy/jax values -> openpi's maps; other non-msgpack types -> their base type."""
+    if isinstance(obj, jax.Array):
+        obj = np.asarray(obj)  # device -> host copy; bfloat16 stays bfloat16 and is refused below
+    if isinstance(obj, np.ndarray):
+        _check_dtype(obj.dtype)
+        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        _check_dtype(obj.dtype)
+        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+    # The packer checks exact types (so np.float64, a float subclass, still reaches the branch above): the
+    # remaining subclasses of msgpack's own types become their base type.
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    for base in (bool, int, float, str, bytes, list):
+        if isinstance(obj, base):
+            return base(obj)
+    raise TypeError(
+        f"cannot encode a {type(obj).__module__}.{type(obj).__qualname__}: messages may hold dicts, lists, str, "
+        "bytes, numbers, bool, None, numpy arrays/scalars and jax arrays"
+    )
+
+
+def _decode(obj: dict) -> Any:
+    """msgpack `object_hook`: openpi's array/scalar maps -> numpy (arrays read-only, sharing the message)."""
+    if b"__ndarray__" in obj:
+        try:
+            dtype = np.dtype(obj[b"dtype"])
+            _check_dtype(dtype)
+            return np.ndarray(buffer=obj[b"data"], dtype=dtype, shape=tuple(obj[b"shape"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed __ndarray__ entry in a message: {exc}") from exc
+    if b"__npgeneric__" in obj:
+        try:
+            dtype = np.dtype(obj[b"dtype"])
+            _check_dtype(dtype)
+            return dtype.type(obj[b"data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed __npgeneric__ entry in a message: {exc}") from exc
+    return obj
+
+
+def packb(obj: Any) -> bytes:
+    """Encodes a message (nested dicts/lists of numpy, jax and plain values) in openpi's msgpack-numpy format."""
+    return msgpack.packb(obj, default=_encode, strict_types=True)
+
+
+def unpackb(data: bytes) -> Any:
+    """Decodes a message in openpi's msgpack-numpy format; arrays come back read-only."""
+    return msgpack.unpackb(data, object_hook=_decode)
+
+
+# -- server --------------------------------------------------------------------------------------------------
+
+
+class PolicyLike(Protocol):
+    """What the server needs: `infer(obs) -> dict` and a `metadata` dict sent to every client on connect."""
+
+    metadata: Mapping[str, Any]
+
+    def infer(self, obs: dict) -> dict: ...
+
+
+def accepts_option(policy: Any, name: str) -> bool:
+    """Whether `policy.infer` takes the keyword `name` (or **kwargs)."""
+    try:
+        params = inspect.signature(policy.infer).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(
+        (p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or p.kind is p.VAR_KEYWORD
+        for p in params
+    )
+
+
+def accepts_noise(policy: Any) -> bool:
+    """Whether `policy.infer` takes a `noise=` keyword (or **kwargs), i.e. whether it can be noise-steered."""
+    return accepts_option(policy, NOISE_KEY)
+
+
+def _connect_host(host: str) -> str:
+    """A host a client on this machine can connect to when the server listens on every interface."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _port_in_use_message(host: str, port: int) -> str:
+    return (f"port {port} on {host!r} is already in use (another policy server?): pick another with --port, "
+            "or stop the process listening there")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises OSError(EADDRINUSE) now if the server could not listen on host:port (checked before a slow load).
+
+    Binds with SO_REUSEADDR, as asyncio's server does, so only a live listener counts, not TIME_WAIT leftovers.
+    Port 0 (any free port) always passes.
+    """
+    if port == 0:
+        return
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535 (or 0 for any free port), got {port}")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on host {host!r}: {exc}; use e.g. 0.0.0.0 (all interfaces) or 127.0.0.1") from exc
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(errno.EADDRINUSE, _port_in_use_message(host, port)) from exc
+                raise
+
+
+def wait_until_healthy(host: str, port: int, timeout: float = 60.0) -> None:
+    """Blocks until `GET /healthz` on host:port answers 200; openpi_client does not retry a refused connect."""
+    deadline = time.monotonic() + timeout
+    host = _connect_host(host)
+    last: object = "no answer"
+    while True:
+        conn = http.client.HTTPConnection(host, port, timeout=2.0)
+        try:
+            conn.request("GET", HEALTH_PATH)
+            response = conn.getresponse()
+            if response.status == HTTPStatus.OK:
+                return
+            last = f"HTTP {response.status}"
+        except OSError as exc:
+            last = exc
+        finally:
+            conn.close()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no policy server answered GET {HEALTH_PATH} at http://{host}:{port} within {timeout:.0f} s "
+                f"(last: {last}); is it running (`faster-vla serve`) on that port?"
+            )
+        time.sleep(0.1)
+
+
+class PolicyServer:
+    """openpi's websocket policy protocol around any object with `infer(obs) -> dict` and `metadata`."""
+
+    def __init__(
+        self,
+        policy: PolicyLike,
+        host: str = "0.0.0.0",
+        port: int = 8000,
+        *,
+        api_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`metadata` overrides `policy.metadata`; `api_key` (non-empty) makes clients send it."""
+        if not callable(getattr(policy, "infer", None)):
+            raise TypeError(f"a policy to serve needs an infer(obs) -> dict method; {type(policy).__name__} has none")
+        if metadata is None:
+            metadata = getattr(policy, "metadata", None)
+            if not isinstance(metadata, Mapping):
+                raise TypeError(
+                    f"{type(policy).__name__}.metadata must be a dict (sent to clients on connect), got "
+                    f"{type(metadata).__name__}; give the policy one or pass metadata="
+                )
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must be non-empty (or None for no key check)")
+        self.policy = policy
+        self.host = host
+        self.port = port
+        self.metadata = dict(metadata)
+        self._metadata_frame = packb(self.metadata)  # an unencodable metadata fails here, not per client
+        self._expected_auth = None if api_key is None else f"Api-Key {api_key}".encode()
+        self._accepts_noise = accepts_noise(policy)
+        self._options = {name for name in REQUEST_OPTIONS if accepts_option(policy, name)}
+        noise_shape = self.metadata.get("noise_shape")
+        self._noise_shape = None if noise_shape is None else tuple(int(d) for d in noise_shape)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.address: tuple[str, int] | None = None  # where it listens, once running
+
+    # HTTP, before the websocket handshake: health checks and the API key.
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urllib.parse.urlsplit(request.path).path == HEALTH_PATH:
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        if self._expected_auth is None:
+            return None
+        given = request.headers.get("Authorization")
+        if given is None:
+            return connection.respond(
+                HTTPStatus.UNAUTHORIZED,
+                "Missing API key: this policy server needs the header 'Authorization: Api-Key <key>' "
+                "(openpi_client: WebsocketClientPolicy(host, port, api_key=<key>)).\n",
+            )
+        if not hmac.compare_digest(given.encode(), self._expected_auth):
+            return connection.respond(
+                HTTPStatus.FORBIDDEN, "Wrong API key: the 'Authorization: Api-Key <key>' header does not match "
+                "the server's --api-key.\n"
+            )
+        return None
+
+    def _split_observation(self, message: str | bytes) -> tuple[dict, dict]:
+        """-> (observation, per-request options for `policy.infer`)."""
+        if isinstance(message, str):
+            raise ValueError("expected a binary msgpack observation frame, got a text frame")
+        obs = unpackb(message)
+        if not isinstance(obs, dict):
+            raise ValueError(f"an observation must be a msgpack map (dict), got {type(obs).__name__}")
+        options = {}
+        for name in REQUEST_OPTIONS[1:]:
+            value = obs.pop(name, None)
+            if value is None:
+                continue
+            if name not in self._options:
+                raise ValueError(f"the observation has {name!r}, but this policy's infer() takes no such option "
+                                 f"(it takes {sorted(self._options) or 'none'})")
+            options[name] = value.item() if isinstance(value, np.generic) else value
+        noise = obs.pop(NOISE_KEY, None)
+        if noise is None:
+            return obs, options
+        if not self._accepts_noise:
+            raise ValueError(
+                f"the observation has {NOISE_KEY!r}, but this policy's infer() takes no noise argument: "
+                "remove it, or serve a policy with infer(obs, noise=...)"
+            )
+        noise = np.asarray(noise)
+        if noise.dtype.kind not in "fiu":
+            raise ValueError(f"{NOISE_KEY!r} must be a numeric array, got dtype {noise.dtype}")
+        if self._noise_shape is not None and noise.shape != self._noise_shape:
+            raise ValueError(
+                f"{NOISE_KEY!r} has shape {noise.shape}, but this policy denoises from {self._noise_shape} "
+                "(the server metadata's 'noise_shape')"
+            )
+        return obs, {**options, NOISE_KEY: noise}
+
+    def _infer(self, obs: dict, options: dict) -> tuple[Any, float]:
+        start = time.perf_counter()
+        result = self.policy.infer(obs, **options)
+        infer_ms = 1e3 * (time.perf_counter() - start)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"policy.infer must return a dict, got {type(result).__name__}")
+        return result, infer_ms
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = ws.remote_address
+        logger.info("client connected: %s", peer)
+        loop = asyncio.get_running_loop()
+        try:
+            await ws.send(self._metadata_frame)
+            prev_total_ms: float | None = None
+            while True:
+                message = await ws.recv()
+                start = time.perf_counter()
+                try:
+                    obs, options = self._split_observation(message)
+                    result, infer_ms = await loop.run_in_executor(self._executor, self._infer, obs, options)
+                    reply = dict(result)
+                    reply["server_timing"] = {"infer_ms": infer_ms}
+                    if prev_total_ms is not None:
+                        reply["server_timing"]["prev_total_ms"] = prev_total_ms
+                    frame = packb(reply)
+                except Exception:  # noqa: BLE001 -- any failure goes back to this client, never down the server
+                    logger.exception("request from %s failed", peer)
+                    await ws.send(traceback.format_exc())
+                    await ws.close(ERROR_CLOSE_CODE, "policy server error; traceback in the previous text frame")
+                    return
+                await ws.send(frame)
+                prev_total_ms = 1e3 * (time.perf_counter() - start)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            logger.info("client disconnected: %s", peer)
+
+    async def run(
+        self, stop: Awaitable[Any] | None = None, on_ready: Callable[[tuple[str, int]], None] | None = None
+    ) -> None:
+        """Serves until `stop` completes (forever if None), then closes every connection (code 1001).
+
+        `on_ready((host, port))` is called once the socket listens (port 0 picks a free port).
+        """
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy-infer")
+        try:
+            async with _ws_serve(
+                self._handle, self.host, self.port, compression=None, max_size=None,
+                process_request=self._process_request,
+            ) as server:
+                self.address = tuple(server.sockets[0].getsockname()[:2])
+                logger.info("policy server listening on ws://%s:%d (%s)", *self.address,
+                            "API key required" if self._expected_auth else "no API key")
+                if on_ready is not None:
+                    on_ready(self.address)
+                await (asyncio.get_running_loop().create_future() if stop is None else stop)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(errno.EADDRINUSE, _port_in_use_message(self.host, self.port)) from exc
+            raise
+        finally:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def serve(
+    policy: PolicyLike,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    *,
+    api_key: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Serves `policy` until SIGINT (Ctrl-C) or SIGTERM (`docker stop`, `kill`), blocking, then closes cleanly.
+
+    See the module docstring for the protocol. From a thread other than the main one, use `BackgroundServer`.
+    """
+    server = PolicyServer(policy, host, port, api_key=api_key, metadata=metadata)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = loop.create_future()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        await server.run(stop)
+
+    asyncio.run(main())
+    logger.info("policy server stopped")
+
+
+class BackgroundServer:
+    """A `PolicyServer` on its own thread and event loop, for tests, benchmarks and notebooks.
+
+    `with BackgroundServer(policy) as server: WebsocketClientPolicy(server.host, server.port)`; leaving the
+    block closes connections and the socket and joins the thread. The default port 0 picks a free port.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyLike,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        api_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.server = PolicyServer(policy, host, port, api_key=api_key, metadata=metadata)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Future | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def host(self) -> str:
+        """A host clients on this machine can connect to."""
+        return _connect_host(self.server.host)
+
+    @property
+    def port(self) -> int:
+        if self.server.address is None:
+            raise RuntimeError("the server is not running: call start() (or use it as a context manager) first")
+        return self.server.address[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = self._loop.create_future()
+        await self.server.run(self._stop, on_ready=lambda _: self._ready.set())
+
+    def _target(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 -- handed to the thread that called start()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        """Starts serving and returns once the socket listens; a failure to listen is raised here."""
+        if self._thread is not None:
+            raise RuntimeError("this BackgroundServer was already started; make a new one")
+        self._thread = threading.Thread(target=self._target, name="policy-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the policy server did not start listening within {timeout} s")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Closes every connection and the socket, waits for the running inference, joins the thread."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the policy server thread did not stop within {timeout} s")
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
