@@ -83,6 +83,9 @@ def test_actor_params_read_back_by_the_openpi_loader_with_identical_actions(bund
 
 
 def test_load_policy_acts_with_the_runs_rule(bundle, run_dir):
+    import faster_vla
+
+    assert faster_vla.load_policy is load_policy  # the package-level entry point
     policy = load_policy(bundle)
     assert isinstance(policy, TunedPolicy) and policy.selection.rule == "faster"
     obs = libero_observation("open the top drawer of the cabinet", seed=2)
