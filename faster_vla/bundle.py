@@ -32,15 +32,14 @@ import numpy as np
 
 from faster_vla.actor_source import LIBERO_ASSETS, ActorSource
 from faster_vla.agent import Agent
-from faster_vla.evaluate import from_jsonable, load_run
-from faster_vla.finetune import TrainConfig, learner_config
+from faster_vla.finetune import TrainConfig, learner_config, load_run
 from faster_vla.learner import Learner
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import restore_params, save_params
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import save_norm_stats
 from faster_vla.policies.policy import Policy
-from faster_vla.run_log import to_jsonable
+from faster_vla.run_log import from_jsonable, to_jsonable
 from faster_vla.selection import RULES, SelectionConfig
 
 BUNDLE_FILE = "faster_vla_bundle.json"

@@ -1,4 +1,4 @@
-"""Scoring policies on LIBERO tasks: the base π0.5, or a fine-tuning run's checkpoint; and task selection.
+"""Scoring policies on LIBERO tasks: the base π0.5, a fine-tuning run's checkpoint or a bundle; task selection.
 
 `evaluate` runs `trials` episodes per task on the suite's init states 0..trials-1 (openpi's protocol uses 50)
 and writes per-task success to a JSON file atomically. A run's checkpoint acts with the run's own selection
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -22,11 +20,10 @@ import numpy as np
 
 from faster_vla.actor_source import ActorSource
 from faster_vla.agent import Agent
-from faster_vla.finetune import TrainConfig, learner_config
+from faster_vla.bundle import TunedPolicy, load_policy
+from faster_vla.finetune import TrainConfig, learner_config, load_run
 from faster_vla.learner import Learner
-from faster_vla.policies.config import get_preset
 from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, resolve_task
-from faster_vla.run_checkpoint import RunCheckpointer
 from faster_vla.run_log import atomic_write, ensure_writable_dir
 from faster_vla.selection import SelectionConfig
 
@@ -39,6 +36,8 @@ class EvalConfig:
     """The π0.5 policy (ignored with --run-dir: the run's own actor is used)."""
     run_dir: Path | None = None
     """A fine-tuning run folder: evaluate its checkpoint with its selection rule (greedy) instead of the base policy."""
+    bundle: Path | None = None
+    """An exported bundle (`faster-vla export`): evaluate it with its selection rule (greedy)."""
     checkpoint: Literal["best", "latest"] = "best"
     """Which of the run's checkpoints: best by eval success (falls back to latest), or latest."""
     suite: str = "libero_90"
@@ -61,6 +60,8 @@ class EvalConfig:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if not self.tasks:
             raise ValueError("give at least one task (--tasks 0 1 ... or task names)")
+        if self.run_dir is not None and self.bundle is not None:
+            raise ValueError("--run-dir and --bundle both name the policy to evaluate: pass one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,56 +82,6 @@ class SelectTasksConfig:
 
 def _task_arg(task: str) -> int | str:
     return int(task) if task.strip().lstrip("-").isdigit() else task
-
-
-def from_jsonable(cls: Any, data: Any) -> Any:
-    """Rebuilds a (nested, frozen) dataclass from its `run_log.to_jsonable` form (a run's config.json)."""
-    origin = typing.get_origin(cls)
-    if dataclasses.is_dataclass(cls):
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: from_jsonable(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
-        return cls(**fields)
-    if origin in (typing.Union, types.UnionType):
-        if data is None:
-            return None
-        for arg in typing.get_args(cls):
-            if arg is type(None):
-                continue
-            try:
-                return from_jsonable(arg, data)
-            except (TypeError, ValueError, KeyError):
-                continue
-        raise ValueError(f"{data!r} fits none of {cls}")
-    if origin is tuple:
-        args = typing.get_args(cls)
-        inner = args[0] if args else Any
-        return tuple(from_jsonable(inner, x) for x in data)
-    if origin is Literal or cls is Any:
-        return data
-    if cls is Path:
-        return Path(data)
-    if cls in (int, float, str, bool):
-        if cls is int and isinstance(data, str) and not data.lstrip("-").isdigit():
-            raise ValueError(f"{data!r} is not an int")
-        return cls(data)
-    return data
-
-
-def load_run(run_dir: Path, which: Literal["best", "latest"] = "best") -> tuple[TrainConfig, Learner, int]:
-    """A run's config and the learner of its best (or latest) checkpoint, and that checkpoint's episode."""
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a fine-tuning run folder (no config.json); pass the --run-dir "
-                                "given to `faster-vla train`")
-    config = from_jsonable(TrainConfig, json.loads(config_path.read_text()))
-    checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", keep_last=config.keep_last, keep_best=config.keep_best)
-    episode = checkpointer.best_episode if which == "best" else None
-    episode = checkpointer.latest_episode if episode is None else episode
-    if episode is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    lconfig = learner_config(config, get_preset(config.actor.preset))
-    template = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=config.seed)
-    return config, checkpointer.restore(episode, template).learner, episode
 
 
 def run_episodes(agent: Agent, learner: Learner, selection: SelectionConfig, env: LiberoEnv, trials: int,
@@ -156,7 +107,14 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
     check_libero_installed()
     tasks = [resolve_task(config.suite, _task_arg(t)) for t in config.tasks]  # bad names fail here, first
     ensure_writable_dir(Path(config.output).expanduser().resolve().parent, "output folder")
-    if config.run_dir is not None:
+    if config.bundle is not None:
+        tuned = load_policy(config.bundle, seed=config.seed)
+        if not isinstance(tuned, TunedPolicy):
+            raise ValueError(f"{config.bundle} is an openpi checkpoint, not a bundle: evaluate it with "
+                             "--actor.checkpoint")
+        agent, learner, selection = tuned.agent, tuned.learner, tuned.selection
+        what = f"bundle {config.bundle} ({selection.rule})"
+    elif config.run_dir is not None:
         train_config, learner, episode = load_run(config.run_dir, config.checkpoint)
         source, selection = train_config.actor, dataclasses.replace(train_config.selection, temperature=0.0)
         lconfig = learner.config
@@ -164,12 +122,13 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
     else:
         source, selection = config.actor, SelectionConfig("base", num_candidates=1)
         what = f"base policy {config.actor.preset}"
-    policy = source.build(policy_seed=config.seed)
-    if config.run_dir is None:
-        tconfig = TrainConfig(actor=source, selection=selection)
-        lconfig = learner_config(tconfig, policy.actor.config)
-        learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)  # unused by `base`
-    agent = Agent(policy, lconfig, seed=config.seed)
+    if config.bundle is None:
+        policy = source.build(policy_seed=config.seed)
+        if config.run_dir is None:
+            tconfig = TrainConfig(actor=source, selection=selection)
+            lconfig = learner_config(tconfig, policy.actor.config)
+            learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)  # unused by base
+        agent = Agent(policy, lconfig, seed=config.seed)
     results: dict[str, Any] = {}
     for task in tasks:
         env_config = LiberoEnvConfig(suite=config.suite, task=task.task_id, max_steps=config.max_steps,
@@ -188,8 +147,8 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
 
 def select_tasks(config: SelectTasksConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluates the base policy and adds the selection: tasks with success in [low, high]."""
-    if config.eval.run_dir is not None:
-        raise ValueError("select-tasks scores the BASE policy; drop --eval.run-dir")
+    if config.eval.run_dir is not None or config.eval.bundle is not None:
+        raise ValueError("select-tasks scores the BASE policy; drop --eval.run-dir / --eval.bundle")
     report = evaluate(config.eval, log=log)
     selected = [tid for tid, r in report["tasks"].items() if config.low <= r["success_rate"] <= config.high]
     report["selection"] = {"low": config.low, "high": config.high, "selected": selected}

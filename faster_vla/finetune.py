@@ -14,6 +14,7 @@ continues exactly as an uninterrupted one would from that checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -32,9 +33,10 @@ from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
 from faster_vla.learner import Learner, LearnerConfig
 from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, resolve_task
 from faster_vla.policies import flops as actor_flops
+from faster_vla.policies.config import get_preset
 from faster_vla.replay import ChunkBatch, FrozenActorCacheSpec, ReplayBuffer
 from faster_vla.run_checkpoint import RunCheckpointer
-from faster_vla.run_log import RunLogger, ensure_writable_dir
+from faster_vla.run_log import RunLogger, ensure_writable_dir, from_jsonable
 from faster_vla.schedule import UpdateSchedule
 from faster_vla.selection import SelectionConfig
 
@@ -337,6 +339,23 @@ class Run:
         self.sample_rng.bit_generator.state = restored.rng_state
         self.counters = Counters(**restored.counters)
         return True
+
+
+def load_run(run_dir: Path, which: Literal["best", "latest"] = "best") -> tuple[TrainConfig, Learner, int]:
+    """A run's config and the learner of its best (or latest) checkpoint, and that checkpoint's episode."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fine-tuning run folder (no config.json); pass the --run-dir "
+                                "given to `faster-vla train`")
+    config = from_jsonable(TrainConfig, json.loads(config_path.read_text()))
+    checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", keep_last=config.keep_last, keep_best=config.keep_best)
+    episode = checkpointer.best_episode if which == "best" else None
+    episode = checkpointer.latest_episode if episode is None else episode
+    if episode is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    lconfig = learner_config(config, get_preset(config.actor.preset))
+    template = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=config.seed)
+    return config, checkpointer.restore(episode, template).learner, episode
 
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import io
 import json
 import math
 import numbers
+import types
+import typing
 import os
 import secrets
 import sys
@@ -122,6 +124,39 @@ def to_jsonable(obj: Any, *, strict: bool = True, _where: str = "value") -> Any:
         raise TypeError(f"{_where} is a {type(obj).__name__}, which has no exact JSON form; pass numbers, "
                         "strings, bools, None, lists or dicts of them")
     return repr(obj)
+
+
+def from_jsonable(cls: Any, data: Any) -> Any:
+    """Rebuilds a (nested, frozen) dataclass from its `run_log.to_jsonable` form (a run's config.json)."""
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: from_jsonable(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
+        return cls(**fields)
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return None
+        for arg in typing.get_args(cls):
+            if arg is type(None):
+                continue
+            try:
+                return from_jsonable(arg, data)
+            except (TypeError, ValueError, KeyError):
+                continue
+        raise ValueError(f"{data!r} fits none of {cls}")
+    if origin is tuple:
+        args = typing.get_args(cls)
+        inner = args[0] if args else Any
+        return tuple(from_jsonable(inner, x) for x in data)
+    if origin is Literal or cls is Any:
+        return data
+    if cls is Path:
+        return Path(data)
+    if cls in (int, float, str, bool):
+        if cls is int and isinstance(data, str) and not data.lstrip("-").isdigit():
+            raise ValueError(f"{data!r} is not an int")
+        return cls(data)
+    return data
 
 
 def json_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -16,8 +16,7 @@ import pytest
 
 from faster_vla.actor_source import ActorSource
 from faster_vla.bundle import BUNDLE_FILE, BundleError, TunedPolicy, export_bundle, load_policy
-from faster_vla.evaluate import load_run
-from faster_vla.finetune import CriticConfig, TrainConfig, learner_config
+from faster_vla.finetune import CriticConfig, TrainConfig, learner_config, load_run
 from faster_vla.launch.demo import libero_observation
 from faster_vla.learner import Learner
 from faster_vla.libero_env import LiberoEnvConfig

@@ -16,10 +16,11 @@ import pytest
 
 pytest.importorskip("libero.libero", reason="the LIBERO extra is not installed: pip install -e '.[libero]'")
 
-from faster_vla.evaluate import EvalConfig, evaluate, from_jsonable  # noqa: E402
+from faster_vla.evaluate import EvalConfig, evaluate  # noqa: E402
 from faster_vla.finetune import TrainConfig, train  # noqa: E402
 from faster_vla.launch.train import TRAIN_CONFIGS  # noqa: E402
 from faster_vla.run_checkpoint import RunCheckpointer  # noqa: E402
+from faster_vla.run_log import from_jsonable  # noqa: E402
 
 # The CLI's CPU config, cut to one 10-step chunk per episode so a CI run is mostly compilation.
 ARGS = ["--episodes", "2", "--env.max-steps", "10", "--env.resolution", "64", "--eval-every", "2",
@@ -81,6 +82,15 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
                       log=lambda *_: None)
     assert report["policy"].startswith(f"run {run_dir}") and "faster" in report["policy"]
     assert json.loads((tmp_path / "e.json").read_text())["tasks"]["0"]["trials"] == 1
+    # ... and so does its exported bundle, with the same rule.
+    from faster_vla.bundle import export_bundle
+
+    bundle = export_bundle(run_dir, tmp_path / "bundle")
+    report = evaluate(EvalConfig(bundle=bundle, tasks=("0",), trials=1, max_steps=10, output=tmp_path / "b.json"),
+                      log=lambda *_: None)
+    assert report["policy"] == f"bundle {bundle} (faster)" and report["tasks"]["0"]["trials"] == 1
+    with pytest.raises(ValueError, match="pass one"):
+        EvalConfig(bundle=bundle, run_dir=run_dir)
 
 
 def test_bad_inputs_fail_before_anything_expensive(tmp_path):
