@@ -1,7 +1,7 @@
 """Acting with π0.5 and a learner: env observation → adapter (encode once) → selection → denoise → edit → env.
 
-`Agent.act` makes one decision (one chunk) for one observation in the robot's own format and reports, per
-part, its wall time and its FLOPs: the input transforms, the VLM prefix (encoded once, shared by every
+`Agent.act` makes one decision (one chunk) for one observation in the robot's own format (`Agent.act_batch`:
+one per observation of a batch, as `act` would make each) and reports, per part, its wall time and its FLOPs: the input transforms, the VLM prefix (encoded once, shared by every
 noise), the critics (Q^dn over the N seeds, Q^a over candidates, the edit policy) and the actor's denoising
 (1 chunk for FASTER, N for best-of-N, the survivors' segments for a multi-stage filter). The rule runs through
 `selection.select`, the one implementation acting, evaluation and TD targets share; only the callables it is
@@ -58,24 +58,39 @@ def critic_inputs(encoder: EncoderConfig, observation: Observation, features: ja
     return inputs
 
 
+def _one_state(tree: Any) -> Any:
+    """A state's leaves [...] -> a batch of one [1, ...], as the critics take them."""
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+# Critic calls over a batch of states [B], each state with its own keys (its ensemble pair, its edit draw): a
+# state of a batch gets the values it would get alone, so an episode does not depend on its batch mates.
 @jax.jit
-def _score_noise(learner: Learner, inputs: Inputs, noise: jax.Array, rng: jax.Array) -> jax.Array:
-    return learner.critic_fns(inputs, rng)["score_noise"](noise)
+def _score_noise(learner: Learner, inputs: Inputs, noise: jax.Array, rngs: jax.Array) -> jax.Array:
+    def one(inp: Inputs, x: jax.Array, k: jax.Array) -> jax.Array:  # noise [N, H, Ad] -> [N]
+        return learner.critic_fns(_one_state(inp), k)["score_noise"](x[None])[0]
+    return jax.vmap(one)(inputs, noise, rngs)
 
 
 @jax.jit
-def _score_x_t(learner: Learner, inputs: Inputs, x_t: jax.Array, t: jax.Array, rng: jax.Array) -> jax.Array:
-    return learner.critic_fns(inputs, rng)["score_noise"](x_t, t)
+def _score_x_t(learner: Learner, inputs: Inputs, x_t: jax.Array, t: jax.Array, rngs: jax.Array) -> jax.Array:
+    def one(inp: Inputs, x: jax.Array, k: jax.Array) -> jax.Array:  # x_t [M, H, Ad] -> [M]
+        return learner.critic_fns(_one_state(inp), k)["score_noise"](x[None], t)[0]
+    return jax.vmap(one)(inputs, x_t, rngs)
 
 
 @jax.jit
-def _q_chunk(learner: Learner, inputs: Inputs, chunks: jax.Array, rng: jax.Array) -> jax.Array:
-    return learner.critic_fns(inputs, rng)["q_chunk"](chunks)
+def _q_chunk(learner: Learner, inputs: Inputs, chunks: jax.Array, rngs: jax.Array) -> jax.Array:
+    def one(inp: Inputs, c: jax.Array, k: jax.Array) -> jax.Array:  # chunks [M, H, A] -> [M]
+        return learner.critic_fns(_one_state(inp), k)["q_chunk"](c[None])[0]
+    return jax.vmap(one)(inputs, chunks, rngs)
 
 
 @jax.jit
-def _edit(learner: Learner, inputs: Inputs, chunks: jax.Array, rng: jax.Array, edit_rng: jax.Array) -> jax.Array:
-    return learner.critic_fns(inputs, rng)["edit"](edit_rng, chunks)
+def _edit(learner: Learner, inputs: Inputs, chunks: jax.Array, rngs: jax.Array, edit_rngs: jax.Array) -> jax.Array:
+    def one(inp: Inputs, c: jax.Array, k: jax.Array, ek: jax.Array) -> jax.Array:  # [M, H, A] -> [M, H, A]
+        return learner.critic_fns(_one_state(inp), k)["edit"](ek, c[None])[0]
+    return jax.vmap(one)(inputs, chunks, rngs, edit_rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +169,46 @@ class Agent:
 
         `noise` [N, H, A_model] fixes the seed pool; otherwise it is drawn from the agent's stream.
         """
+        return self.act_batch(learner, [obs], selection=selection, rngs=None if rng is None else [rng],
+                              noise=None if noise is None else np.asarray(noise)[None])[0]
+
+    def act_batch(
+        self,
+        learner: Learner,
+        observations: Sequence[Mapping[str, Any]],
+        *,
+        selection: SelectionConfig | None = None,
+        rngs: Sequence[jax.Array] | None = None,
+        noise: np.ndarray | None = None,
+        batch_size: int | None = None,
+    ) -> list[Decision]:
+        """One decision per raw observation [B], with one encode and one denoise call for the whole batch.
+
+        Row i decides as `act(observations[i], rng=rngs[i])` would: its noise pool, its critics' ensemble pairs
+        and its edit draw come from its own key, so (up to float rounding of the batched matmuls) an episode's
+        chunks do not depend on which episodes share its batch. Only draws `select` makes once per call are
+        shared by the batch, from row 0's key: the seed pick at temperature > 0 and a filter's random keep.
+        `noise` [B, N, H, A_model] fixes the seed pools. `batch_size` pads the batch (repeating its last row) to
+        a fixed size, so a batch that shrinks as episodes end keeps one compiled shape. Each decision's
+        `timing_ms` is the whole batch's wall time; its `flops` are one state's.
+        """
         cfg = self.config
         selection = selection or cfg.selection
-        if rng is None:
-            self._rng, rng = jax.random.split(self._rng)
-        k_noise, k_sel, k_critic = jax.random.split(rng, 3)
+        b = len(observations)
+        size = b if batch_size is None else batch_size
+        if b == 0 or size < b:
+            raise ValueError(f"act_batch needs 1 <= observations <= batch_size, got {b} and batch_size={batch_size}")
+        if rngs is None:
+            rngs = []
+            for _ in range(b):
+                self._rng, rng = jax.random.split(self._rng)
+                rngs.append(rng)
+        if len(rngs) != b:
+            raise ValueError(f"got {len(rngs)} rngs for {b} observations")
+        rows = np.minimum(np.arange(size), b - 1)  # padding repeats the last row
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(jnp.stack(list(rngs))[rows])  # [size, 3]
+        k_noise, k_sel, k_critic = keys[:, 0], keys[:, 1], keys[:, 2]
+        edit_keys = jax.vmap(lambda k: jax.random.split(k)[1])(k_sel)  # the edit key `select` derives from k_sel
         actor_config = self.actor.config
         timing: dict[str, float] = collections.defaultdict(float)
 
@@ -171,23 +221,28 @@ class Agent:
             return run
 
         start = time.perf_counter()
-        observation = self.policy.to_observation(obs)
+        observation = self.observations([observations[r] for r in rows])
         timing["input_transform"] += 1e3 * (time.perf_counter() - start)
         prefix: Prefix = timed("encode", self.actor.encode)(observation)
         inputs = critic_inputs(cfg.chunk_critic.encoder, observation, prefix.features)
-        shape = (1, selection.num_candidates, actor_config.action_horizon, actor_config.action_dim)
-        pool = jax.random.normal(k_noise, shape) if noise is None else jnp.asarray(noise, jnp.float32)[None]
-        if pool.shape != shape:
-            raise ValueError(f"noise must be [{', '.join(map(str, shape[1:]))}], got {list(pool.shape[1:])}")
+        shape = (selection.num_candidates, actor_config.action_horizon, actor_config.action_dim)
+        if noise is None:
+            pool = jax.vmap(lambda k: jax.random.normal(k, shape))(k_noise)  # [size, N, H, A_model]
+        else:
+            pool = jnp.asarray(noise, jnp.float32)
+            if pool.shape != (b, *shape):
+                raise ValueError(f"noise must be [{', '.join(map(str, (b, *shape)))}], got {list(pool.shape)}")
+            pool = pool[rows]
 
-        def denoise(idx: jax.Array) -> jax.Array:  # [1, M] -> robot dims [1, M, H, A]
+        def denoise(idx: jax.Array) -> jax.Array:  # [size, M] -> robot dims [size, M, H, A]
             seeds = jnp.take_along_axis(pool, idx[:, :, None, None], axis=1)
             return self.actor.denoise(prefix, seeds, self.num_steps)[..., : cfg.action_dim]
 
         fns = {
             "score_noise": timed("noise_critic", lambda x: _score_noise(learner, inputs, x, k_critic)),
             "q_chunk": timed("chunk_critic", lambda c: _q_chunk(learner, inputs, c, k_critic)),
-            "edit": timed("edit", lambda key, c: _edit(learner, inputs, c, k_critic, key)),
+            # Each row's own edit key, in place of the one `select` splits from the key it is given (row 0's).
+            "edit": timed("edit", lambda _, c: _edit(learner, inputs, c, k_critic, edit_keys)),
         }
         schedule = cfg.filter_schedule
         if schedule is not None and selection.uses_noise_critic:
@@ -200,20 +255,25 @@ class Agent:
                 return chunk[..., : cfg.action_dim], seed, visited["scores"][0]
 
             fns["filter_denoise"] = filter_denoise
-        chosen = select(selection, k_sel, pool, denoise=timed("denoise", denoise), **fns)
+        chosen = select(selection, k_sel[0], pool, denoise=timed("denoise", denoise), **fns)
 
         start = time.perf_counter()
-        normalized = np.asarray(chosen.action[0], np.float32)  # [H, A]
-        padded = np.zeros((actor_config.action_horizon, actor_config.action_dim), np.float32)
-        padded[:, : cfg.action_dim] = normalized
-        out = self.policy.output_transform({"state": np.asarray(observation.state[0]), "actions": padded})
+        normalized = np.asarray(chosen.action[:b], np.float32)  # [B, H, A]
+        states = np.asarray(observation.state)
+        robot_actions = []
+        for i in range(b):
+            padded = np.zeros((actor_config.action_horizon, actor_config.action_dim), np.float32)
+            padded[:, : cfg.action_dim] = normalized[i]
+            out = self.policy.output_transform({"state": states[i], "actions": padded})
+            robot_actions.append(np.asarray(out["actions"]))
         timing["output_transform"] += 1e3 * (time.perf_counter() - start)
         timing["total"] = sum(timing.values())
-        return Decision(actions=np.asarray(out["actions"]), normalized=normalized, seed_index=int(chosen.seed_index[0]),
-                        edited=bool(chosen.edited[0]),
-                        noise_scores=None if chosen.noise_scores is None else np.asarray(chosen.noise_scores[0]),
-                        timing_ms=dict(timing),
-                        flops=self.decision_flops(learner, selection))
+        flops = self.decision_flops(learner, selection)
+        seed_index, edited = np.asarray(chosen.seed_index), np.asarray(chosen.edited)
+        scores = None if chosen.noise_scores is None else np.asarray(chosen.noise_scores)
+        return [Decision(actions=robot_actions[i], normalized=normalized[i], seed_index=int(seed_index[i]),
+                         edited=bool(edited[i]), noise_scores=None if scores is None else scores[i],
+                         timing_ms=dict(timing), flops=flops) for i in range(b)]
 
     # -- what replay rows need from the actor --------------------------------------------------------------
 

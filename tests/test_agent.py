@@ -161,3 +161,23 @@ def test_mismatched_critics_are_refused(policy):
     wrong = dataclasses.replace(config, noise_critic=dataclasses.replace(config.noise_critic, noise_shape=(4, 32)))
     with pytest.raises(ValueError, match="build the learner config for this actor"):
         Agent(policy, wrong)
+
+
+@pytest.mark.parametrize("rule", ["faster", "best_of_n"])
+def test_act_batch_rows_act_as_alone(policy, rule):
+    """Each row of a (padded) batch gets its own noise, ensemble pairs and edit draw: the decision `act` makes
+    for that observation and key alone, up to the float rounding of batched matmuls."""
+    config = _config(rule)
+    agent, learner = Agent(policy, config), _learner(config)
+    raw = [libero_observation("open the microwave", seed=s) for s in range(3)]
+    keys = [jax.random.key(10 + i) for i in range(3)]
+    batch = agent.act_batch(learner, raw, rngs=keys, batch_size=4)  # one padding row
+    assert len(batch) == 3
+    for obs, key, decision in zip(raw, keys, batch):
+        alone = agent.act(learner, obs, rng=key)
+        assert (decision.seed_index, decision.edited) == (alone.seed_index, alone.edited)
+        np.testing.assert_allclose(decision.actions, alone.actions, rtol=1e-5, atol=1e-5)
+        if alone.noise_scores is not None:
+            np.testing.assert_allclose(decision.noise_scores, alone.noise_scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        agent.act_batch(learner, raw, rngs=keys, batch_size=2)
