@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +38,7 @@ from faster_vla.policies import download
 from faster_vla.policies.checkpoint import restore_params, save_params
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import save_norm_stats
-from faster_vla.policies.policy import Policy
+from faster_vla.policies.policy import Policy, batch_bucket
 from faster_vla.run_log import from_jsonable, to_jsonable
 from faster_vla.selection import RULES, SelectionConfig
 
@@ -135,7 +135,8 @@ class TunedPolicy:
     `infer(obs, noise=None, num_candidates=None, selection=None, return_scores=False)`: openpi's LIBERO
     observation in, `actions` [H, 7] (un-normalised) and `policy_timing` out; `noise` [N, H, A_model] fixes the
     seed pool (caller-chosen seeds); `num_candidates` / `selection` (a rule name) override the bundle's per
-    request; `return_scores` adds `seed_index`, `edited` and `noise_scores` [N].
+    request; `return_scores` adds `seed_index`, `edited` and `noise_scores` [N]. `infer_batch` takes b
+    observations with the same options through one encode and one denoise (`Agent.act_batch`).
     """
 
     def __init__(self, agent: Agent, learner: Learner, selection: SelectionConfig, metadata: Mapping[str, Any]) -> None:
@@ -146,9 +147,23 @@ class TunedPolicy:
 
     def infer(self, obs: Mapping[str, Any], *, noise: np.ndarray | None = None, num_candidates: int | None = None,
               selection: str | None = None, return_scores: bool = False) -> dict[str, Any]:
-        state = np.asarray(obs.get("observation/state", np.zeros(0)), dtype=np.float64)
-        if state.size and not np.all(np.isfinite(state)):
-            raise ValueError("observation/state contains NaN or Inf")
+        return self.infer_batch([obs], noise=None if noise is None else np.asarray(noise, np.float32)[None],
+                                num_candidates=num_candidates, selection=selection, return_scores=return_scores)[0]
+
+    def infer_batch(self, observations: Sequence[Mapping[str, Any]], *, noise: np.ndarray | None = None,
+                    num_candidates: int | None = None, selection: str | None = None,
+                    return_scores: bool = False) -> list[dict[str, Any]]:
+        """b observations sharing one set of options -> b results, each what `infer` gives for its row.
+
+        `noise` [b, N, H, A_model] (or [b, H, A_model] for N = 1) fixes each row's seed pool; without it row i
+        draws the i-th key of the agent's stream, as the i-th of b `infer` calls would (acting is greedy, so only
+        a filter schedule's random keep is shared by the batch; see `Agent.act_batch`). Rows are padded to
+        `batch_bucket(b)`, so jit compiles one program per power of two.
+        """
+        for obs in observations:
+            state = np.asarray(obs.get("observation/state", np.zeros(0)), dtype=np.float64)
+            if state.size and not np.all(np.isfinite(state)):
+                raise ValueError("observation/state contains NaN or Inf")
         config = self.selection
         if selection is not None:
             if selection not in RULES:
@@ -156,22 +171,29 @@ class TunedPolicy:
             config = dataclasses.replace(config, rule=selection)
         if noise is not None:
             noise = np.asarray(noise, np.float32)
-            if noise.ndim == 2:
-                noise = noise[None]
-            num_candidates = noise.shape[0] if num_candidates is None else num_candidates
-            if noise.shape[0] != num_candidates:
-                raise ValueError(f"noise holds {noise.shape[0]} seeds but num_candidates is {num_candidates}")
+            if noise.ndim == 3:
+                noise = noise[:, None]
+            if noise.ndim != 4:
+                raise ValueError(f"noise must be [N, H, A] (or [H, A] for one seed) per observation, got shape "
+                                 f"{list(noise.shape[1:])}")
+            num_candidates = noise.shape[1] if num_candidates is None else num_candidates
+            if noise.shape[1] != num_candidates:
+                raise ValueError(f"noise holds {noise.shape[1]} seeds but num_candidates is {num_candidates}")
         if num_candidates is not None:
             if not isinstance(num_candidates, (int, np.integer)) or not 1 <= num_candidates <= 1024:
                 raise ValueError(f"num_candidates must be an int in [1, 1024], got {num_candidates!r}")
             config = dataclasses.replace(config, num_candidates=int(num_candidates))
-        decision = self.agent.act(self.learner, obs, selection=config, noise=noise)
-        out: dict[str, Any] = {"actions": decision.actions, "policy_timing": decision.timing_ms}
-        if return_scores:
-            out.update(seed_index=decision.seed_index, edited=decision.edited)
-            if decision.noise_scores is not None:
-                out["noise_scores"] = decision.noise_scores
-        return out
+        decisions = self.agent.act_batch(self.learner, observations, selection=config, noise=noise,
+                                         batch_size=batch_bucket(len(observations)))
+        outs = []
+        for decision in decisions:
+            out: dict[str, Any] = {"actions": decision.actions, "policy_timing": decision.timing_ms}
+            if return_scores:
+                out.update(seed_index=decision.seed_index, edited=decision.edited)
+                if decision.noise_scores is not None:
+                    out["noise_scores"] = decision.noise_scores
+            outs.append(out)
+        return outs
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

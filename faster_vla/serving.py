@@ -10,9 +10,10 @@ it (facts: `shared/spec/serving.md` of the steering repository):
   message. bfloat16 (and other void), complex and object dtypes are refused; jax arrays are copied to numpy.
 - On connect the server sends one binary frame: the msgpack'd metadata. Then, per request, the client sends
   a msgpack'd observation dict and gets back `policy.infer(obs)` (for a π0.5 policy: `"actions"`
-  [horizon, action_dim] and `"policy_timing"`) plus `"server_timing"`: `"infer_ms"` (time inside `infer`) and,
-  from the second request of a connection on, `"prev_total_ms"` (the previous request's time in the server,
-  from its observation arriving to its reply being sent).
+  [horizon, action_dim] and `"policy_timing"`) plus `"server_timing"`: `"infer_ms"` (time inside the policy
+  call that answered it), `"batch_size"` (how many requests that call served), `"queue_ms"` (from its arrival
+  to that call starting) and, from the second request of a connection on, `"prev_total_ms"` (the previous
+  request's time in the server, from its observation arriving to its reply being sent).
 - A failing request gets its traceback as a TEXT frame and the connection is closed with code 1011
   (`WebsocketClientPolicy.infer` raises RuntimeError); the server goes on serving everyone else.
 - `GET /healthz` answers 200 "OK\\n" (no API key needed). No frame-size limit (images), no compression.
@@ -27,15 +28,22 @@ denoised from (a noise-space policy, or FASTER's selected seed, steers a frozen 
 is refused, in both cases with an error to that client rather than a silent fallback. openpi's own clients
 never send `"noise"`, so the field costs them nothing.
 
-Requests are run one at a time on one worker thread (a policy holds a noise stream and is not thread-safe);
-the event loop stays free meanwhile, so health checks, pings and new connections are answered during a long
-inference.
+Requests are run on one worker thread (a policy holds a noise stream and is not thread-safe); the event loop
+stays free meanwhile, so health checks, pings and new connections are answered during a long inference.
+With `max_batch` > 1 (the policy then needs `infer_batch(observations, **options) -> list[dict]`), the
+requests that arrived while the worker was busy are batched: the oldest waiting request and up to
+`max_batch - 1` others with the same options (num_candidates, selection, return_scores, and noise present or
+not with the same shape; each row's noise is stacked) go through ONE `infer_batch` call. Nothing waits for a
+batch to fill: an idle server runs a lone request at once. If a batched call raises, its requests are retried
+one at a time, so an invalid request fails alone and never takes its batch-mates with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import dataclasses
 import errno
 import hmac
 import http.client
@@ -143,11 +151,32 @@ def unpackb(data: bytes) -> Any:
 
 
 class PolicyLike(Protocol):
-    """What the server needs: `infer(obs) -> dict` and a `metadata` dict sent to every client on connect."""
+    """What the server needs: `infer(obs) -> dict` and a `metadata` dict sent to every client on connect.
+
+    To batch requests (`max_batch` > 1) it also needs `infer_batch(observations, **options) -> list[dict]`,
+    taking the same options as `infer` with `noise` stacked on a leading batch axis.
+    """
 
     metadata: Mapping[str, Any]
 
     def infer(self, obs: dict) -> dict: ...
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """One decoded request waiting for the inference worker."""
+
+    obs: dict
+    options: dict  # per-request options for `infer`, without noise
+    noise: np.ndarray | None  # the caller's seed(s), one row of a batch's stacked noise
+    future: asyncio.Future  # -> (policy result, server_timing)
+    arrived: float  # perf_counter when it was queued
+
+    @property
+    def group(self) -> tuple:
+        """Requests with equal groups can share one `infer_batch` call."""
+        options = tuple(sorted((name, repr(value)) for name, value in self.options.items()))
+        return options, None if self.noise is None else self.noise.shape
 
 
 def accepts_option(policy: Any, name: str) -> bool:
@@ -238,8 +267,10 @@ class PolicyServer:
         *,
         api_key: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        max_batch: int = 1,
     ) -> None:
-        """`metadata` overrides `policy.metadata`; `api_key` (non-empty) makes clients send it."""
+        """`metadata` overrides `policy.metadata`; `api_key` (non-empty) makes clients send it; up to `max_batch`
+        waiting requests run in one `policy.infer_batch` call (1: one request at a time, `infer` only)."""
         if not callable(getattr(policy, "infer", None)):
             raise TypeError(f"a policy to serve needs an infer(obs) -> dict method; {type(policy).__name__} has none")
         if metadata is None:
@@ -251,6 +282,11 @@ class PolicyServer:
                 )
         if api_key is not None and not api_key:
             raise ValueError("api_key must be non-empty (or None for no key check)")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if max_batch > 1 and not callable(getattr(policy, "infer_batch", None)):
+            raise TypeError(f"max_batch={max_batch} needs policy.infer_batch(observations, **options) -> list[dict]; "
+                            f"{type(policy).__name__} has none: serve it with max_batch=1")
         self.policy = policy
         self.host = host
         self.port = port
@@ -261,8 +297,16 @@ class PolicyServer:
         self._options = {name for name in REQUEST_OPTIONS if accepts_option(policy, name)}
         noise_shape = self.metadata.get("noise_shape")
         self._noise_shape = None if noise_shape is None else tuple(int(d) for d in noise_shape)
+        self.max_batch = max_batch
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None  # where it listens, once running
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the inference worker (not counting the ones it is running)."""
+        return len(self._queue)
 
     # HTTP, before the websocket handshake: health checks and the API key.
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -284,8 +328,8 @@ class PolicyServer:
             )
         return None
 
-    def _split_observation(self, message: str | bytes) -> tuple[dict, dict]:
-        """-> (observation, per-request options for `policy.infer`)."""
+    def _split_observation(self, message: str | bytes) -> tuple[dict, dict, np.ndarray | None]:
+        """-> (observation, per-request options for `policy.infer` other than noise, noise or None)."""
         if isinstance(message, str):
             raise ValueError("expected a binary msgpack observation frame, got a text frame")
         obs = unpackb(message)
@@ -302,7 +346,7 @@ class PolicyServer:
             options[name] = value.item() if isinstance(value, np.generic) else value
         noise = obs.pop(NOISE_KEY, None)
         if noise is None:
-            return obs, options
+            return obs, options, None
         if not self._accepts_noise:
             raise ValueError(
                 f"the observation has {NOISE_KEY!r}, but this policy's infer() takes no noise argument: "
@@ -316,20 +360,77 @@ class PolicyServer:
                 f"{NOISE_KEY!r} has shape {noise.shape}, but this policy denoises from {self._noise_shape} "
                 "(the server metadata's 'noise_shape')"
             )
-        return obs, {**options, NOISE_KEY: noise}
+        return obs, options, noise
 
-    def _infer(self, obs: dict, options: dict) -> tuple[Any, float]:
+    def _call(self, batch: list[_Request]) -> list[tuple[Mapping, dict]]:
+        """One policy call for `batch` (on the worker thread): `infer` for one request, else `infer_batch`."""
+        options = batch[0].options
         start = time.perf_counter()
-        result = self.policy.infer(obs, **options)
+        if len(batch) == 1:
+            noise = {} if batch[0].noise is None else {NOISE_KEY: batch[0].noise}
+            results = [self.policy.infer(batch[0].obs, **options, **noise)]
+        else:
+            noise = {} if batch[0].noise is None else {NOISE_KEY: np.stack([r.noise for r in batch])}  # [b, ...]
+            results = self.policy.infer_batch([r.obs for r in batch], **options, **noise)
         infer_ms = 1e3 * (time.perf_counter() - start)
-        if not isinstance(result, Mapping):
-            raise TypeError(f"policy.infer must return a dict, got {type(result).__name__}")
-        return result, infer_ms
+        if not isinstance(results, list) or len(results) != len(batch):
+            raise TypeError(f"policy.infer_batch must return a list of {len(batch)} dicts, one per observation, "
+                            f"got {type(results).__name__}")
+        for result in results:
+            if not isinstance(result, Mapping):
+                raise TypeError(f"policy.infer must return a dict, got {type(result).__name__}")
+        return [(result, {"infer_ms": infer_ms, "batch_size": len(batch), "queue_ms": 1e3 * (start - r.arrived)})
+                for r, result in zip(batch, results, strict=True)]
+
+    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | Exception]:
+        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself."""
+        try:
+            return self._call(batch)
+        except Exception as exc:  # noqa: BLE001 -- handed to the request's client
+            if len(batch) == 1:
+                return [exc]
+            logger.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
+                           type(exc).__name__, exc)
+        outcomes: list[tuple[Mapping, dict] | Exception] = []
+        for request in batch:
+            try:
+                outcomes += self._call([request])
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(exc)
+        return outcomes
+
+    async def _worker(self) -> None:
+        """Takes the oldest waiting request and up to max_batch - 1 others of its group, runs them, answers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            group = self._queue[0].group
+            batch = [r for r in self._queue if r.group == group][: self.max_batch]
+            self._queue = collections.deque(r for r in self._queue if all(r is not b for b in batch))
+            batch = [r for r in batch if not r.future.done()]  # a client that left while waiting
+            if not batch:
+                continue
+            outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
+            for request, outcome in zip(batch, outcomes, strict=True):
+                if request.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
+
+    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict]:
+        """Queues one request for the worker -> (policy result, server_timing)."""
+        request = _Request(obs, options, noise, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._queue.append(request)
+        self._wakeup.set()
+        return await request.future
 
     async def _handle(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
         logger.info("client connected: %s", peer)
-        loop = asyncio.get_running_loop()
         try:
             await ws.send(self._metadata_frame)
             prev_total_ms: float | None = None
@@ -337,10 +438,9 @@ class PolicyServer:
                 message = await ws.recv()
                 start = time.perf_counter()
                 try:
-                    obs, options = self._split_observation(message)
-                    result, infer_ms = await loop.run_in_executor(self._executor, self._infer, obs, options)
+                    result, timing = await self._infer(*self._split_observation(message))
                     reply = dict(result)
-                    reply["server_timing"] = {"infer_ms": infer_ms}
+                    reply["server_timing"] = timing
                     if prev_total_ms is not None:
                         reply["server_timing"]["prev_total_ms"] = prev_total_ms
                     frame = packb(reply)
@@ -364,14 +464,16 @@ class PolicyServer:
         `on_ready((host, port))` is called once the socket listens (port 0 picks a free port).
         """
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy-infer")
+        self._wakeup = asyncio.Event()
+        worker = asyncio.create_task(self._worker(), name="policy-batcher")
         try:
             async with _ws_serve(
                 self._handle, self.host, self.port, compression=None, max_size=None,
                 process_request=self._process_request,
             ) as server:
                 self.address = tuple(server.sockets[0].getsockname()[:2])
-                logger.info("policy server listening on ws://%s:%d (%s)", *self.address,
-                            "API key required" if self._expected_auth else "no API key")
+                logger.info("policy server listening on ws://%s:%d (%s, max batch %d)", *self.address,
+                            "API key required" if self._expected_auth else "no API key", self.max_batch)
                 if on_ready is not None:
                     on_ready(self.address)
                 await (asyncio.get_running_loop().create_future() if stop is None else stop)
@@ -380,6 +482,7 @@ class PolicyServer:
                 raise OSError(errno.EADDRINUSE, _port_in_use_message(self.host, self.port)) from exc
             raise
         finally:
+            worker.cancel()
             self._executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -390,12 +493,14 @@ def serve(
     *,
     api_key: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    max_batch: int = 1,
 ) -> None:
     """Serves `policy` until SIGINT (Ctrl-C) or SIGTERM (`docker stop`, `kill`), blocking, then closes cleanly.
 
-    See the module docstring for the protocol. From a thread other than the main one, use `BackgroundServer`.
+    See the module docstring for the protocol and batching. From a thread other than the main one, use
+    `BackgroundServer`.
     """
-    server = PolicyServer(policy, host, port, api_key=api_key, metadata=metadata)
+    server = PolicyServer(policy, host, port, api_key=api_key, metadata=metadata, max_batch=max_batch)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -423,8 +528,9 @@ class BackgroundServer:
         *,
         api_key: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        max_batch: int = 1,
     ) -> None:
-        self.server = PolicyServer(policy, host, port, api_key=api_key, metadata=metadata)
+        self.server = PolicyServer(policy, host, port, api_key=api_key, metadata=metadata, max_batch=max_batch)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None

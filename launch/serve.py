@@ -12,6 +12,9 @@ Policy sources, one at a time:
 - `--bundle`: an exported policy bundle (`faster-vla export`), loaded by `faster_vla.bundle.load_policy`: it
   acts with the run's selection rule, and clients may add `num_candidates`, `selection` and `return_scores`.
 
+`--max-batch` lets concurrent clients share one batched policy call (see `faster_vla.serving`); every batch
+size the server can run at is compiled before it listens.
+
 Every argument is checked (paths exist, port free) before any weight is read or compiled.
 """
 
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from faster_vla import checkpoints, serving
@@ -34,12 +38,13 @@ from faster_vla.policies import download
 from faster_vla.policies.checkpoint import resolve_params_dir
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import NORM_STATS_FILENAME
-from faster_vla.policies.policy import Policy
+from faster_vla.policies.policy import Policy, batch_buckets
 from faster_vla.policies.tokenizer import default_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "FASTER_VLA_API_KEY"
+MAX_BATCH_LIMIT = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,13 @@ class ServeArgs:
     """The π0.5 policy: --actor.preset, --actor.checkpoint, --actor.tokenizer, --actor.norm-stats, --actor.seed."""
     bundle: Path | None = None
     """Exported policy bundle (`faster-vla export`) to serve instead of --actor.*."""
+    max_batch: int | None = None
+    """Most waiting requests run in one batched policy call (1: one request at a time). Default: 1 on CPU,
+    where π0.5 is compute-bound and a batch of b costs about b single requests; 8 on a GPU/TPU, where one
+    batched call fills the device that one request leaves mostly idle. Batch sizes are padded to powers of
+    two, each compiled at start."""
     warmup: bool = True
-    """Run one inference before listening, so the first client does not wait for compilation."""
+    """Run inference (every batch size) before listening, so no client waits for compilation."""
 
 
 def _tokenizer_location(actor: ActorSource) -> str:
@@ -90,10 +100,17 @@ def _check_actor(actor: ActorSource) -> None:
                                 "caches PaliGemma's under $OPENPI_DATA_HOME/big_vision/)")
 
 
+def default_max_batch() -> int:
+    """--max-batch when not given: 1 on CPU (batching buys nothing there), 8 on an accelerator backend."""
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
 def check_args(args: ServeArgs) -> None:
     """Every cheap check, so a typo fails in a second rather than after loading weights."""
     if args.num_steps < 1:
         raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
+    if args.max_batch is not None and not 1 <= args.max_batch <= MAX_BATCH_LIMIT:
+        raise ValueError(f"--max-batch must be in [1, {MAX_BATCH_LIMIT}], got {args.max_batch}")
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty (leave it out for no key check)")
     if args.bundle is not None:
@@ -132,17 +149,22 @@ def build_policy(args: ServeArgs) -> serving.PolicyLike:
     return policy
 
 
-def warm_up(policy: serving.PolicyLike) -> None:
-    """One inference on a LIBERO-shaped observation, so compilation happens before the first client.
+def warm_up(policy: serving.PolicyLike, max_batch: int = 1) -> None:
+    """Inference on LIBERO-shaped observations at every batch size up to `max_batch` (`batch_buckets`), so
+    compilation happens before the first client.
 
     A π0.5 `Policy` gets an explicit zero noise, which leaves its seeded noise stream untouched.
     """
     obs = libero_observation("warm up")
-    if isinstance(policy, Policy):
-        config = policy.actor.config
-        policy.infer(obs, noise=np.zeros((config.action_horizon, config.action_dim), np.float32))
-    else:
-        policy.infer(obs)
+    for size in batch_buckets(max_batch):
+        noise = {}
+        if isinstance(policy, Policy):
+            config = policy.actor.config
+            noise = {"noise": np.zeros((size, config.action_horizon, config.action_dim), np.float32)}
+        if size == 1:
+            policy.infer(obs, **{k: v[0] for k, v in noise.items()})
+        else:
+            policy.infer_batch([obs] * size, **noise)
 
 
 def run_serve(args: ServeArgs) -> None:
@@ -153,9 +175,10 @@ def run_serve(args: ServeArgs) -> None:
     # Our progress at INFO; libraries (jax, websockets' per-connection lines) only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faster_vla").setLevel(logging.INFO)
+    max_batch = default_max_batch() if args.max_batch is None else args.max_batch
     policy = build_policy(args)
     logger.info("serving %s", policy.metadata.get("policy", type(policy).__name__))
     if args.warmup:
-        logger.info("warming up (compiling) ...")
-        warm_up(policy)
-    serving.serve(policy, args.host, args.port, api_key=args.api_key)
+        logger.info("warming up (compiling batch sizes %s) ...", batch_buckets(max_batch))
+        warm_up(policy, max_batch)
+    serving.serve(policy, args.host, args.port, api_key=args.api_key, max_batch=max_batch)

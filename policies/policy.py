@@ -2,15 +2,16 @@
 
 `infer` takes ONE observation in the robot's own format (for LIBERO: `observation/image`,
 `observation/wrist_image`, `observation/state`, `prompt`) and returns `actions` [horizon, 7] in the
-robot's units plus `policy_timing` per part, as openpi's `Policy.infer` does. Serving and evaluation build
+robot's units plus `policy_timing` per part, as openpi's `Policy.infer` does; `infer_batch` runs several in
+one batched encode and denoise (what a server batching concurrent clients calls). Serving and evaluation build
 on this object; the actor underneath is the same one critics and training use.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -29,6 +30,30 @@ from faster_vla.policies.transforms import (
     Unnormalize,
     compose,
 )
+
+T = TypeVar("T")
+
+
+def batch_bucket(n: int) -> int:
+    """The batch size `n` rows are padded to: the next power of two, so jit compiles log2(max) programs, not max."""
+    if n < 1:
+        raise ValueError(f"a batch needs at least one row, got {n}")
+    return 1 << (n - 1).bit_length()
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Every padded size a batch of 1..max_batch rows runs at (what to compile before serving)."""
+    return sorted({batch_bucket(n) for n in range(1, max_batch + 1)})
+
+
+def pad_rows(tree: T, size: int) -> T:
+    """Pads every leaf's leading (batch) axis to `size` by repeating its last row: valid inputs, never NaN."""
+
+    def pad(x: Any) -> np.ndarray:
+        x = np.asarray(x)
+        return x if x.shape[0] == size else np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
+
+    return jax.tree.map(pad, tree)
 
 
 class Policy:
@@ -51,10 +76,14 @@ class Policy:
         self.metadata = dict(metadata or {})
         self._rng = jax.random.key(seed)
 
+    def to_observations(self, raw: Sequence[Mapping[str, Any]]) -> Observation:
+        """Raw observations (one per row) -> one batched model `Observation` [b], through the input transforms."""
+        rows = [self.input_transform(dict(obs)) for obs in raw]
+        return Observation.from_dict(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows))
+
     def to_observation(self, obs: Mapping[str, Any]) -> Observation:
         """One raw observation -> the model's batched `Observation` (batch 1), through the input transforms."""
-        data = self.input_transform(dict(obs))
-        return Observation.from_dict(jax.tree.map(lambda x: np.asarray(x)[None], data))
+        return self.to_observations([obs])
 
     def infer(self, obs: Mapping[str, Any], *, noise: np.ndarray | None = None) -> dict[str, Any]:
         """One observation -> {'actions': [horizon, robot_action_dim], 'policy_timing': {part: ms}}.
@@ -62,30 +91,56 @@ class Policy:
         `noise` [horizon, action_dim] fixes the initial noise (the caller's seed); otherwise it is drawn from
         the policy's own stream.
         """
+        return self.infer_batch([obs], noise=None if noise is None else np.asarray(noise, np.float32)[None])[0]
+
+    def infer_batch(
+        self, observations: Sequence[Mapping[str, Any]], *, noise: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
+        """b observations through ONE encode and denoise -> b results, each what `infer` gives for its row.
+
+        Rows are padded to `batch_bucket(b)` (repeating the last), so jit compiles one program per power of
+        two. `noise` [b, horizon, action_dim] fixes each row's seed; otherwise row i draws the i-th key of the
+        policy's stream, as the i-th of b `infer` calls would. `policy_timing` is the batch's, shared by its rows.
+        """
         config = self.actor.config
+        b = len(observations)
+        size = batch_bucket(b)
+        shape = (config.action_horizon, config.action_dim)
+        if noise is not None:
+            noise = np.asarray(noise, np.float32)
+            if noise.ndim == 0 or noise.shape[0] != b:
+                raise ValueError(f"noise must hold one seed per observation: {b} observation(s), noise shape "
+                                 f"{list(noise.shape)}")
+            if noise.shape[1:] != shape:
+                raise ValueError(f"noise must be {list(shape)} (horizon, action_dim) per observation, got "
+                                 f"{list(noise.shape[1:])}")
         t0 = time.perf_counter()
-        observation = self.to_observation(obs)
+        observation = self.to_observations(observations)  # a bad observation fails here, before any key is drawn
         if noise is None:
-            self._rng, key = jax.random.split(self._rng)
-            noise = jax.random.normal(key, (1, config.action_horizon, config.action_dim))
-        else:
-            noise = np.asarray(noise, np.float32)[None]
+            keys = []
+            for _ in range(b):
+                self._rng, key = jax.random.split(self._rng)
+                keys.append(key)
+            noise = np.concatenate([np.asarray(jax.random.normal(key, (1, *shape))) for key in keys])
         t1 = time.perf_counter()
-        prefix = jax.block_until_ready(self.actor.encode(observation))
+        prefix = jax.block_until_ready(self.actor.encode(pad_rows(observation, size)))
         t2 = time.perf_counter()
-        actions = jax.block_until_ready(self.actor.denoise(prefix, noise[:, None], self.num_steps))
+        actions = jax.block_until_ready(self.actor.denoise(prefix, pad_rows(noise, size)[:, None], self.num_steps))
         t3 = time.perf_counter()
+        actions, states = np.asarray(actions[:b, 0]), np.asarray(observation.state)  # [b, H, A], [b, S]
         # openpi hands the (normalised) state to the output transforms too; its Unnormalize expects it.
-        out = self.output_transform({"state": np.asarray(observation.state[0]), "actions": np.asarray(actions[0, 0])})
+        outs = [self.output_transform({"state": states[i], "actions": actions[i]}) for i in range(b)]
         t4 = time.perf_counter()
-        out["policy_timing"] = {
+        timing = {
             "input_transform_ms": 1e3 * (t1 - t0),
             "encode_ms": 1e3 * (t2 - t1),
             "denoise_ms": 1e3 * (t3 - t2),
             "output_transform_ms": 1e3 * (t4 - t3),
             "infer_ms": 1e3 * (t4 - t0),
         }
-        return out
+        for out in outs:
+            out["policy_timing"] = dict(timing)
+        return outs
 
 
 def make_libero_policy(

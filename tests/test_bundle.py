@@ -112,6 +112,26 @@ def test_load_policy_acts_with_the_runs_rule(bundle, run_dir):
         policy.infer(obs, selection="best_of_everything")
 
 
+def test_batched_inference_equals_one_at_a_time(bundle):
+    observations = [libero_observation(prompt, seed=s) for s, prompt in
+                    enumerate(["open the top drawer of the cabinet", "put the bowl on the plate", "close the door"])]
+    one, batched = load_policy(bundle, seed=4), load_policy(bundle, seed=4)  # the same acting stream
+    # Row i draws the i-th key of the stream (seed pool, critic pair, edit sample), as the i-th `infer` would.
+    expected = [one.infer(obs, return_scores=True) for obs in observations]
+    got = batched.infer_batch(observations, return_scores=True)  # 3 rows, encoded padded to 4
+    noise = np.random.default_rng(1).standard_normal((3, 2, PI05_SMALL.action_horizon, PI05_SMALL.action_dim))
+    expected += [one.infer(obs, noise=n, selection="best_of_n", return_scores=True) for obs, n in zip(observations, noise)]
+    got += batched.infer_batch(observations, noise=noise, selection="best_of_n", return_scores=True)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g["actions"], e["actions"], rtol=1e-5, atol=1e-5)
+        assert (g["seed_index"], g["edited"]) == (e["seed_index"], e["edited"])
+        if "noise_scores" in e:
+            np.testing.assert_allclose(g["noise_scores"], e["noise_scores"], rtol=1e-5, atol=1e-5)
+    assert got[0]["noise_scores"].shape == (4,)
+    with pytest.raises(ValueError, match="noise must be"):
+        batched.infer_batch(observations, noise=noise[:2])
+
+
 def test_a_plain_openpi_checkpoint_loads_as_the_base_policy(tmp_path):
     from faster_vla.actor_source import LIBERO_ASSETS, unit_norm_stats
     from faster_vla.policies.checkpoint import save_params
@@ -155,7 +175,7 @@ def test_serve_bundle_to_openpi_client(bundle):
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "faster_vla.launch.cli", "serve", "--bundle", str(bundle),
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                             "--host", "127.0.0.1", "--port", str(port), "--max-batch", "2"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         serving.wait_until_healthy("127.0.0.1", port, timeout=300)

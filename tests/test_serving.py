@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import http.client
 import os
@@ -26,6 +27,7 @@ from faster_vla.actor_source import ActorSource
 from faster_vla.launch import serve as serve_cli
 from faster_vla.launch.demo import libero_observation
 from faster_vla.launch.serve import ServeArgs, build_policy, check_args, warm_up
+from faster_vla.policies.policy import batch_bucket, batch_buckets
 from faster_vla.serving import BackgroundServer, packb, unpackb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +45,60 @@ class EchoPolicy:
         if "explode" in obs:
             raise KeyError("asked to explode")
         return {"actions": np.zeros((2, 7), np.float32), "echo": obs.get("blob")}
+
+
+class GatedPolicy:
+    """Delegates to a policy, each call held until `gate` opens: requests pile up meanwhile, so the server batches.
+
+    `calls` records the batch size of every call, a failed one included.
+    """
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+        self.metadata = policy.metadata
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.calls: list[int] = []
+
+    def _hold(self, n: int) -> None:
+        self.calls.append(n)
+        self.entered.set()
+        assert self.gate.wait(120), "the test never opened the gate"
+
+    def infer(self, obs, *, noise=None):
+        self._hold(1)
+        return self.policy.infer(obs, noise=noise)
+
+    def infer_batch(self, observations, *, noise=None):
+        self._hold(len(observations))
+        return self.policy.infer_batch(observations, noise=noise)
+
+
+class OptionsPolicy:
+    """Echoes each row's id, option and noise, so tests see which requests shared a call (no model)."""
+
+    metadata = {"kind": "options"}
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.calls: list[tuple[str | None, list[int], tuple | None]] = []
+
+    def infer(self, obs, *, noise=None, selection=None):
+        return self.infer_batch([obs], noise=None if noise is None else np.asarray(noise)[None], selection=selection)[0]
+
+    def infer_batch(self, observations, *, noise=None, selection=None):
+        assert self.gate.wait(60), "the test never opened the gate"
+        self.calls.append((selection, [int(o["i"]) for o in observations], None if noise is None else noise.shape))
+        return [{"actions": np.zeros((2, 7), np.float32), "i": o["i"], "selection": selection,
+                 "noise": None if noise is None else noise[row]} for row, o in enumerate(observations)]
+
+
+def _wait_for(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +242,14 @@ def test_served_actions_equal_in_process_inference(server, policy):
     np.testing.assert_array_equal(first["actions"], expected)
     assert set(first["policy_timing"]) == {"input_transform_ms", "encode_ms", "denoise_ms", "output_transform_ms",
                                            "infer_ms"}
-    assert set(first["server_timing"]) == {"infer_ms"}  # nothing before the first request
+    assert set(first["server_timing"]) == {"infer_ms", "batch_size", "queue_ms"}  # no prev_total_ms yet
     assert first["server_timing"]["infer_ms"] >= first["policy_timing"]["infer_ms"] > 0
+    assert first["server_timing"]["batch_size"] == 1  # this server runs one request at a time
 
     # Noise steering: another noise gives other actions; the same noise the same actions.
     other = client.infer({**obs, "noise": _noise(policy, 1)})
     assert np.abs(other["actions"] - expected).max() > 1e-4
-    assert set(other["server_timing"]) == {"infer_ms", "prev_total_ms"}
+    assert set(other["server_timing"]) == {"infer_ms", "batch_size", "queue_ms", "prev_total_ms"}
     assert other["server_timing"]["prev_total_ms"] >= first["server_timing"]["infer_ms"]
     np.testing.assert_array_equal(client.infer({**obs, "noise": noise})["actions"], expected)
     # Without noise the policy draws from its own stream.
@@ -218,6 +275,139 @@ def test_concurrent_clients_each_get_their_own_answer(server, policy):
     for i in range(3):
         for actions in results[i]:
             np.testing.assert_array_equal(actions, expected[i])
+
+
+def test_batch_buckets_are_powers_of_two():
+    assert [batch_bucket(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 8] and batch_buckets(8) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="at least one row"):
+        batch_bucket(0)
+
+
+def test_batched_inference_equals_one_at_a_time(policy):
+    observations = [libero_observation(prompt, seed=s) for s, prompt in
+                    enumerate(["put the bowl on the plate", "open the top drawer", "close the microwave"])]
+    noises = np.stack([_noise(policy, 20 + i) for i in range(3)])  # [3, H, A]
+    batched = policy.infer_batch(observations, noise=noises)  # 3 rows run padded to 4
+    for obs, noise, out in zip(observations, noises, batched, strict=True):
+        np.testing.assert_allclose(out["actions"], policy.infer(obs, noise=noise)["actions"], rtol=1e-5, atol=1e-5)
+        assert out["policy_timing"]["infer_ms"] > 0
+    # Without noise, row i draws what the i-th of three `infer` calls would draw from the same stream.
+    twin = copy.copy(policy)  # shares the actor, starts from the same noise-stream key
+    one_by_one = [twin.infer(obs)["actions"] for obs in observations]
+    for out, expected in zip(policy.infer_batch(observations), one_by_one, strict=True):
+        np.testing.assert_allclose(out["actions"], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one seed per observation"):
+        policy.infer_batch(observations, noise=noises[:2])
+
+
+def test_concurrent_requests_share_one_batched_call(policy):
+    gated = GatedPolicy(policy)
+    observations = [libero_observation("pick up the book", seed=30 + i) for i in range(5)]
+    noises = [_noise(policy, 30 + i) for i in range(5)]
+    expected = [policy.infer(obs, noise=noise)["actions"] for obs, noise in zip(observations, noises, strict=True)]
+    with BackgroundServer(gated, max_batch=4) as server:
+        clients = [WebsocketClientPolicy(server.host, server.port) for _ in range(6)]  # openpi's client, unchanged
+        replies: dict[int, dict] = {}
+
+        def send(i: int) -> None:
+            obs, noise = (observations[0], noises[0]) if i == 5 else (observations[i], noises[i])
+            replies[i] = clients[i].infer({**obs, "noise": noise})
+
+        blocker = threading.Thread(target=send, args=(5,))
+        blocker.start()
+        assert gated.entered.wait(60)  # the worker is busy with the blocker ...
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: server.server.waiting == 5, "5 queued requests")  # ... while five more arrive
+        gated.gate.set()
+        for t in [blocker, *threads]:
+            t.join(120)
+    assert gated.calls == [1, 4, 1]  # the blocker, then the oldest four together, then the last
+    assert sorted(replies[i]["server_timing"]["batch_size"] for i in range(5)) == [1, 4, 4, 4, 4]
+    for i in range(5):
+        np.testing.assert_allclose(replies[i]["actions"], expected[i], rtol=1e-5, atol=1e-5)
+        timing = replies[i]["server_timing"]
+        assert timing["queue_ms"] > 0 and timing["infer_ms"] > 0
+
+
+def test_an_invalid_request_fails_alone_in_its_batch(policy):
+    gated = GatedPolicy(policy)
+    obs = libero_observation("put the bowl on the plate", seed=3)
+    bad = {k: v for k, v in obs.items() if k != "observation/wrist_image"}  # fails inside the policy
+    noises = [_noise(policy, 40 + i) for i in range(3)]
+    with BackgroundServer(gated, max_batch=4) as server:
+        clients = [WebsocketClientPolicy(server.host, server.port) for _ in range(6)]
+        outcomes: dict[int, object] = {}
+
+        def send(i: int, message: dict) -> None:
+            try:
+                outcomes[i] = clients[i].infer(message)
+            except RuntimeError as exc:
+                outcomes[i] = exc
+
+        messages = {1: {**obs, "noise": noises[0]}, 2: {**bad, "noise": noises[1]}, 3: {**obs, "noise": noises[2]},
+                    4: obs}  # 1-3 share a group (noise of one shape); 4 (no noise) is a group of its own
+        blocker = threading.Thread(target=send, args=(0, obs))
+        blocker.start()
+        assert gated.entered.wait(60)
+        threads = []
+        for i, message in messages.items():
+            threads.append(threading.Thread(target=send, args=(i, message)))
+            threads[-1].start()
+            _wait_for(lambda i=i: server.server.waiting == i, f"request {i} queued")  # keep arrival order
+        # A request the server itself refuses is answered at once, without waiting for the busy worker.
+        with pytest.raises(RuntimeError, match="noise_shape"):
+            clients[5].infer({**obs, "noise": np.zeros((3, 3), np.float32)})
+        assert server.server.waiting == 4
+        gated.gate.set()
+        for t in [blocker, *threads]:
+            t.join(120)
+        # The batch [1, 2, 3] failed on 2, was retried one by one; then 4 ran.
+        assert gated.calls == [1, 3, 1, 1, 1, 1]
+        assert isinstance(outcomes[2], RuntimeError) and "observation/wrist_image" in str(outcomes[2])
+        for i, noise in ((1, noises[0]), (3, noises[2])):
+            np.testing.assert_allclose(outcomes[i]["actions"], policy.infer(obs, noise=noise)["actions"],
+                                       rtol=1e-5, atol=1e-5)
+        assert outcomes[4]["actions"].shape == (10, 7) and outcomes[0]["actions"].shape == (10, 7)
+        assert WebsocketClientPolicy(server.host, server.port).infer(obs)["actions"].shape == (10, 7)
+
+
+def test_only_requests_with_the_same_options_share_a_call():
+    options = OptionsPolicy()
+    with BackgroundServer(options, max_batch=2) as server:
+        connections = []
+        sent = [{"i": 0}, {"i": 1, "selection": "a"}, {"i": 2, "selection": "b"}, {"i": 3, "selection": "a"},
+                {"i": 4, "selection": "a", "noise": np.full(3, 4.0)}, {"i": 5, "selection": "b"},
+                {"i": 6, "selection": "a"}, {"i": 7, "selection": "a", "noise": np.full(3, 7.0)}]
+        for i, message in enumerate(sent):
+            ws = websockets.sync.client.connect(server.url, compression=None)
+            ws.recv()  # metadata
+            ws.send(packb(message))
+            connections.append(ws)
+            # Request 0 occupies the worker (held at the gate); each later one is queued in order.
+            _wait_for(lambda i=i: server.server.waiting == i, f"request {i} queued")
+        options.gate.set()
+        replies = [unpackb(ws.recv()) for ws in connections]
+        for ws in connections:
+            ws.close()
+    # FIFO by the oldest waiting request; its group only; at most max_batch rows; noise stacked per row.
+    assert options.calls == [(None, [0], None), ("a", [1, 3], None), ("b", [2, 5], None), ("a", [4, 7], (2, 3)),
+                             ("a", [6], None)]
+    for message, reply in zip(sent, replies, strict=True):
+        assert reply["i"] == message["i"] and reply["selection"] == message.get("selection")
+        if "noise" in message:
+            np.testing.assert_array_equal(reply["noise"], message["noise"])
+    assert [r["server_timing"]["batch_size"] for r in replies] == [1, 2, 2, 2, 2, 2, 1, 2]
+
+
+def test_batching_needs_infer_batch_and_a_positive_size():
+    with pytest.raises(TypeError, match="infer_batch"):
+        serving.PolicyServer(EchoPolicy(), max_batch=2)
+    with pytest.raises(ValueError, match="max_batch"):
+        serving.PolicyServer(OptionsPolicy(), max_batch=0)
+    serving.PolicyServer(EchoPolicy(), max_batch=1)  # one request at a time needs only infer
 
 
 def test_bad_noise_shape_is_refused(server, policy):
@@ -349,6 +539,8 @@ def test_serve_args_are_checked_before_loading(tmp_path, echo_server):
         check_args(ServeArgs(bundle=tmp_path, actor=ActorSource(checkpoint=str(tmp_path))))
     with pytest.raises(ValueError, match="num-steps"):
         check_args(ServeArgs(num_steps=0))
+    with pytest.raises(ValueError, match="max-batch"):
+        check_args(ServeArgs(max_batch=0))
     with pytest.raises(OSError, match="already in use"):
         check_args(ServeArgs(host="127.0.0.1", port=echo_server.port))
     check_args(ServeArgs(host="127.0.0.1", port=_free_port()))
@@ -366,7 +558,7 @@ def test_cli_serves_until_stopped():
     env = {**os.environ, serve_cli.API_KEY_ENV: "k3y"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "faster_vla.launch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--num-steps", "2"],
+         "--num-steps", "2", "--max-batch", "2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -374,6 +566,15 @@ def test_cli_serves_until_stopped():
         client = WebsocketClientPolicy("127.0.0.1", port, api_key="k3y")
         assert client.get_server_metadata()["num_steps"] == 2
         assert client.infer(libero_observation("close the microwave"))["actions"].shape == (10, 7)
+        others = [WebsocketClientPolicy("127.0.0.1", port, api_key="k3y") for _ in range(3)]
+        shapes: list[tuple] = []
+        threads = [threading.Thread(target=lambda c=c: shapes.append(c.infer(libero_observation("go"))["actions"].shape))
+                   for c in others]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert shapes == [(10, 7)] * 3
         proc.send_signal(signal.SIGTERM)  # docker stop / systemd; Ctrl-C's SIGINT takes the same path
         log, _ = proc.communicate(timeout=60)
     finally:
@@ -382,3 +583,4 @@ def test_cli_serves_until_stopped():
             proc.communicate()
     assert proc.returncode == 0, log
     assert f"listening on ws://127.0.0.1:{port}" in log and "policy server stopped" in log
+    assert "batch sizes [1, 2]" in log and "max batch 2" in log and "Traceback" not in log
