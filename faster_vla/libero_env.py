@@ -63,8 +63,8 @@ from faster_vla.policies.transforms import (
     LIBERO_WRIST_IMAGE_KEY,
 )
 
-RenderMode = Literal["every_step", "chunk_boundary"]
-RENDER_MODES: tuple[str, ...] = ("every_step", "chunk_boundary")
+RenderMode = Literal["every_step", "chunk_boundary", "none"]
+RENDER_MODES: tuple[str, ...] = ("every_step", "chunk_boundary", "none")
 
 # openpi's examples/libero/main.py: a little above each suite's longest training demonstration.
 SUITE_MAX_STEPS: dict[str, int] = {
@@ -109,7 +109,9 @@ class LiberoEnvConfig:
     states do not cover; each reset uses a seed derived from (seed, init_state_index)."""
     render_mode: RenderMode = "chunk_boundary"
     """every_step: render cameras after every control step (as openpi's client does); chunk_boundary: render
-    only the observation returned at the end of each step_chunk (same observations, far less CPU)."""
+    only the observation returned at the end of each step_chunk (same observations, far less CPU); none:
+    observations carry state and prompt only (~10 ms a step), for scripted experts and recorders, which
+    render the states they keep afterwards with `render_state`."""
 
     def __post_init__(self) -> None:
         if self.render_mode not in RENDER_MODES:
@@ -493,10 +495,11 @@ class LiberoEnv:
         for robot in self._env.env.robots:
             if getattr(robot, "has_gripper", False):
                 robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
-        self._set_render(every or self.config.num_wait_steps == 0)
+        never = self.config.render_mode == "none"
+        self._set_render(not never and (every or self.config.num_wait_steps == 0))
         raw = self._env.set_init_state(self._init_states[int(init_state_index)])
         for k in range(self.config.num_wait_steps):
-            self._set_render(every or k == self.config.num_wait_steps - 1)
+            self._set_render(not never and (every or k == self.config.num_wait_steps - 1))
             raw, _, _, _ = self._env.step(NOOP_ACTION)  # success during the wait is ignored, as openpi does
         self._steps = 0
         self._episode_over = False
@@ -524,6 +527,7 @@ class LiberoEnv:
         if self._episode_over:
             raise RuntimeError("the episode is over (done, truncated or never started); call reset(init_state_index)")
         every = self.config.render_mode == "every_step"
+        never = self.config.render_mode == "none"
         num_planned = min(actions.shape[0], self.max_steps - self._steps)
         rewards = np.zeros(num_planned, dtype=np.float32)
         done = False
@@ -531,7 +535,7 @@ class LiberoEnv:
         executed = 0
         step_observations = []  # every step's observation, when every step is rendered
         for i in range(num_planned):
-            self._set_render(every or i == num_planned - 1)
+            self._set_render(not never and (every or i == num_planned - 1))
             raw, reward, done, _ = self._env.step(actions[i])
             rewards[i] = float(reward)
             executed = i + 1
@@ -540,7 +544,7 @@ class LiberoEnv:
             if done:
                 break
         self._steps += executed
-        if done and executed < num_planned and not every:
+        if done and executed < num_planned and not every and not never:
             # The episode ended before the planned last step, which was the one set to render: render the
             # terminal observation now, from the final state (sampling sub-step differs from every_step's).
             self._set_render(True)
@@ -559,15 +563,43 @@ class LiberoEnv:
         for camera in self._cameras:
             camera.on = on
 
-    def _observation(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """robosuite observation -> openpi's LIBERO client observation."""
+    def render_state(self, sim_state: np.ndarray | None = None) -> dict[str, Any]:
+        """The full observation (cameras included, in any render_mode) of `sim_state` [1 + nq + nv] from this
+        episode, or of the current state; the physics state is left as it was.
+
+        Recorders run an episode unrendered and render the states they keep afterwards. Rendering depends on
+        the fixtures' per-reset placement, so render states of the current episode, before the next reset.
+        """
+        sim = self._env.sim
+        saved = self.get_sim_state() if sim_state is not None else None
+        try:
+            if sim_state is not None:
+                sim_state = np.asarray(sim_state, dtype=np.float64)
+                if sim_state.shape != saved.shape:
+                    raise ValueError(f"sim_state must be shaped {saved.shape} (this task's time, qpos, qvel), "
+                                     f"got {sim_state.shape}")
+                sim.set_state_from_flattened(sim_state)
+                sim.forward()
+            self._set_render(True)
+            raw = self._env.env._get_observations(force_update=True)
+            return self._observation(raw, images=True)
+        finally:
+            self._set_render(self.config.render_mode == "every_step")
+            if saved is not None:
+                sim.set_state_from_flattened(saved)
+                sim.forward()
+
+    def _observation(self, raw: dict[str, Any], images: bool | None = None) -> dict[str, Any]:
+        """robosuite observation -> openpi's LIBERO client observation (no images in render_mode none)."""
+        state = np.concatenate(
+            [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+        ).astype(np.float32)  # [8]
+        if not (self.config.render_mode != "none" if images is None else images):
+            return {LIBERO_STATE_KEY: state, PROMPT_KEY: self.task.instruction}
         # [2, res, res, 3]: rendered upside down and mirrored; openpi rotates both by 180° (both axes flipped).
         images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
         size = self.config.image_size
         images = np.ascontiguousarray(resize_with_pad(images, size, size))  # [2, size, size, 3] uint8
-        state = np.concatenate(
-            [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
-        ).astype(np.float32)  # [8]
         return {
             LIBERO_IMAGE_KEY: images[0],
             LIBERO_WRIST_IMAGE_KEY: images[1],
