@@ -39,7 +39,12 @@ class ActorFinetuneConfig:
     """The base policy's flow-loss update (defaults: openpi's fine-tuning optimiser, a smaller step)."""
 
     learning_rate: float = 1e-5
-    """AdamW learning rate (openpi fine-tunes at 2.5e-5 peak; RL fine-tuning steps on far fewer samples)."""
+    """AdamW (peak) learning rate (openpi fine-tunes at 2.5e-5 peak; RL fine-tuning steps on far fewer samples)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to learning_rate (openpi: 1000); 0: constant from the start."""
+    decay_steps: int | None = None
+    """Cosine decay from the peak to 10 % of it over this many steps after the warm-up (openpi's schedule,
+    used by pretraining); None: constant after the warm-up."""
     weight_decay: float = 1e-10
     """AdamW weight decay (openpi's default)."""
     grad_clip: float = 1.0
@@ -62,6 +67,20 @@ class ActorFinetuneConfig:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
         if self.learning_rate <= 0 or self.batch_size < 1 or self.steps_per_update < 1:
             raise ValueError("learning_rate must be > 0, batch_size and steps_per_update >= 1")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+            raise ValueError(f"warmup_steps must be >= 0 and decay_steps >= 1 or None, got {self.warmup_steps}, "
+                             f"{self.decay_steps}")
+
+    def schedule(self) -> optax.Schedule:
+        """The learning rate per optimiser step: warm-up, then constant or cosine decay to 10 %."""
+        peak = self.learning_rate
+        if self.decay_steps is not None:
+            return optax.warmup_cosine_decay_schedule(0.0, peak, max(self.warmup_steps, 1),
+                                                      self.warmup_steps + self.decay_steps, end_value=0.1 * peak)
+        if self.warmup_steps:
+            return optax.join_schedules([optax.linear_schedule(0.0, peak, self.warmup_steps),
+                                         optax.constant_schedule(peak)], [self.warmup_steps])
+        return optax.constant_schedule(peak)
 
 
 def action_expert_mask(params: Params) -> Params:
@@ -146,7 +165,7 @@ class ActorTrainer(flax.struct.PyTreeNode):
                                                                                                     params)
         tx = optax.chain(
             optax.clip_by_global_norm(config.grad_clip),
-            optax.masked(optax.adamw(config.learning_rate, weight_decay=config.weight_decay), mask),
+            optax.masked(optax.adamw(config.schedule(), weight_decay=config.weight_decay), mask),
             optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)),
         )
         return cls(params=params, ema_params=params if config.ema_decay is not None else None,

@@ -24,7 +24,7 @@ from faster_vla.policies.tokenizer import PaligemmaTokenizer
 
 RELEASED = {"pi05_libero": "gs://openpi-assets/checkpoints/pi05_libero"}
 LIBERO_ASSETS = "assets/physical-intelligence/libero"  # openpi's norm stats inside a checkpoint
-SHIPPED_TOKENIZER = {"pi05_small": "pi05_small/tokenizer.model"}
+SHIPPED_TOKENIZER = {"pi05_small": "pi05_small/tokenizer.model", "pi05_libero_small": "pi05_small/tokenizer.model"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,9 @@ Recording runs each episode unrendered (~10 ms a step), keeping the simulator st
 and renders the kept states only if the expert succeeded (`LiberoEnv.render_state`, before the next reset,
 so fixtures are where they were): failed attempts cost no rendering. A stored observation is the state at
 the control step's boundary; the live env's is sampled by robosuite at a physics sub-step inside the step,
-so the two differ by part of one step's motion (millimetres), a timing offset a chunked policy absorbs. Episode k of a task starts from the suite's init state
-k mod (number of init states), with its own RNG seeded by (seed, task id, k): a dataset is a function of
-its config, whatever the worker count.
+so the two differ by part of one step's motion (millimetres), a timing offset a chunked policy absorbs.
+Episode k of a task starts from the suite's init state k mod (number of init states), with its own RNG
+seeded by (seed, task id, k): a dataset is a function of its config, whatever the worker count.
 
 On-disk format (version 1), a folder:
 

@@ -1,4 +1,5 @@
-"""The `faster-vla` command: one tyro subcommand per job (demo, train, eval, select-tasks, export, serve).
+"""The `faster-vla` command: one tyro subcommand per job (demo, train, eval, select-tasks, export, serve,
+record-demos, pretrain).
 
 Each subcommand is a frozen dataclass of arguments (its docstring is the help text) mapped to the
 function that runs it, so every field is a `--flag` and every default is visible in `--help`.
@@ -11,12 +12,15 @@ from typing import Any
 
 import tyro
 
+from faster_vla.demos import RecordConfig
 from faster_vla.evaluate import EvalConfig, SelectTasksConfig
 from faster_vla.launch.demo import DemoArgs, run_demo
 from faster_vla.launch.evaluate import run_eval, run_select_tasks
 from faster_vla.launch.export import ExportArgs, run_export
+from faster_vla.launch.pretrain import run_pretrain, run_record_demos
 from faster_vla.launch.serve import ServeArgs, run_serve
 from faster_vla.launch.train import TrainArgs, run_train
+from faster_vla.pretrain import PretrainConfig
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "demo": (DemoArgs, run_demo),
@@ -25,6 +29,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "select-tasks": (SelectTasksConfig, run_select_tasks),
     "export": (ExportArgs, run_export),
     "serve": (ServeArgs, run_serve),
+    "record-demos": (RecordConfig, run_record_demos),
+    "pretrain": (PretrainConfig, run_pretrain),
 }
 
 

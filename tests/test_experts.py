@@ -17,7 +17,7 @@ from faster_vla.experts import (
     run_expert,
 )
 from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig
-from faster_vla.policies.transforms import LIBERO_IMAGE_KEY, LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
+from faster_vla.policies.transforms import LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
 
 
 @pytest.fixture(scope="module")

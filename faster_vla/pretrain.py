@@ -1,0 +1,235 @@
+"""Pretraining a small π0.5 on scripted LIBERO demonstrations: behaviour cloning with openpi's flow loss.
+
+Same model code as pi05_libero (a small preset), one language-conditioned multitask model over every task of
+a demonstration folder (`faster_vla.demos`). Training follows openpi's recipe at small scale: the LIBERO
+input pipeline (`make_libero_policy`: quantile normalisation, resize, tokenisation, padding) on each sampled
+frame with its next `action_horizon` actions (the episode's last action repeats past its end, as LeRobot's
+clamped chunks do), openpi's image augmentation, AdamW with warm-up and cosine decay, gradient clipping and
+an EMA of the weights, which is what gets exported.
+
+A run folder holds the resolved config, metrics (`faster_vla.run_log`), orbax checkpoints of the trainer
+for `--resume` (a killed run loses at most `save_every` steps), and at the end `checkpoint/`, written
+atomically in openpi's layout: `params/`, `assets/physical-intelligence/libero/norm_stats.json` (computed
+from the demonstrations), the tokenizer, and `pretrain.json` (data, settings, size: the model card's facts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer
+from faster_vla import checkpoints
+from faster_vla.actor_source import LIBERO_ASSETS, SHIPPED_TOKENIZER, ActorSource
+from faster_vla.demos import Episode, iter_episodes, read_manifest
+from faster_vla.policies import download
+from faster_vla.policies.checkpoint import _quiet_orbax, save_params
+from faster_vla.policies.config import get_preset
+from faster_vla.policies.normalize import NormStats, save_norm_stats
+from faster_vla.policies.pi05 import Observation, Pi05Actor
+from faster_vla.policies.policy import Policy
+from faster_vla.policies.transforms import LIBERO_IMAGE_KEY, LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
+from faster_vla.run_log import RunLogger, atomic_write, to_jsonable
+
+CHECKPOINT_DIR = "checkpoint"  # the exported openpi checkpoint inside the run folder
+TRAINER_DIR = "trainer"  # orbax checkpoints of the trainer, for --resume
+TOKENIZER_FILE = "tokenizer.model"
+CARD_FILE = "pretrain.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Behaviour-clone a small π0.5 on scripted LIBERO demonstrations (see faster_vla.pretrain)."""
+
+    demos: Path = Path("demos/libero90_scripted")
+    """Demonstration folder (`faster-vla record-demos`)."""
+    run_dir: Path = Path("runs/pretrain_pi05_libero_small")
+    """Run folder: config, metrics, trainer checkpoints, and the exported checkpoint/ at the end."""
+    preset: str = "pi05_libero_small"
+    """Architecture preset (same model code as pi05_libero)."""
+    tokenizer: str | None = None
+    """sentencepiece model; None: the shipped 512-piece LIBERO tokenizer."""
+    steps: int = 20_000
+    """Optimiser steps (the run may stop earlier at --time-budget-s)."""
+    time_budget_s: float | None = None
+    """Stop (and export) after this much training wall time, whatever the step; None: run all steps."""
+    optimizer: ActorFinetuneConfig = ActorFinetuneConfig(
+        learning_rate=3e-4, weight_decay=1e-4, warmup_steps=500, decay_steps=19_500, ema_decay=0.999,
+        trainable="all", augment=True, batch_size=32)
+    """Optimiser, schedule, EMA, augmentation and batch size (everything trains)."""
+    seed: int = 0
+    """Seeds the initial weights, the batch sampling and the trainer's RNG."""
+    log_every: int = 50
+    """Steps between metric records."""
+    save_every: int = 1000
+    """Steps between trainer checkpoints (resume points)."""
+    resume: bool = False
+    """Continue the run in run_dir from its last trainer checkpoint."""
+    wandb_mode: str = "offline"
+    """wandb: offline (default), online or disabled."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.log_every <= 0 or self.save_every <= 0:
+            raise ValueError("steps, log_every and save_every must be positive")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s}")
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+
+def compute_norm_stats(episodes: Sequence[Episode]) -> dict[str, NormStats]:
+    """openpi's statistics (mean, std, 1st and 99th percentiles per dimension) of states and actions over all
+    frames (exact quantiles; openpi approximates them with histograms)."""
+    stats = {}
+    for key in ("state", "actions"):
+        values = np.concatenate([getattr(e, key) for e in episodes]).astype(np.float64)  # [frames, d]
+        stats[key] = NormStats(mean=values.mean(0), std=values.std(0), q01=np.quantile(values, 0.01, axis=0),
+                               q99=np.quantile(values, 0.99, axis=0))
+    return stats
+
+
+class DemoFrames:
+    """All frames of a set of episodes in memory, sampled uniformly as (observation, action chunk) rows."""
+
+    def __init__(self, episodes: Sequence[Episode], horizon: int) -> None:
+        if not episodes:
+            raise ValueError("no episodes to train on: the demonstration folder holds no successful episode")
+        self.horizon = horizon
+        self.image = np.concatenate([e.image for e in episodes])  # [N, S, S, 3] uint8
+        self.wrist_image = np.concatenate([e.wrist_image for e in episodes])
+        self.state = np.concatenate([e.state for e in episodes])  # [N, 8]
+        self.actions = np.concatenate([e.actions for e in episodes])  # [N, 7]
+        lengths = np.array([len(e) for e in episodes])
+        ends = np.cumsum(lengths)
+        self.last = np.repeat(ends - 1, lengths)  # [N] index of each frame's episode's last frame
+        self.prompt = np.repeat(np.array([e.instruction for e in episodes], dtype=object), lengths)
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def rows(self, index: np.ndarray) -> list[dict[str, Any]]:
+        """openpi LIBERO rows for frames `index` [b], each with its next `horizon` actions [H, 7]."""
+        chunk = np.minimum(index[:, None] + np.arange(self.horizon)[None], self.last[index][:, None])  # [b, H]
+        return [{LIBERO_IMAGE_KEY: self.image[i], LIBERO_WRIST_IMAGE_KEY: self.wrist_image[i],
+                 LIBERO_STATE_KEY: self.state[i], "prompt": self.prompt[i], "actions": self.actions[c]}
+                for i, c in zip(index, chunk, strict=True)]
+
+
+def training_batch(policy: Policy, rows: Sequence[dict[str, Any]]) -> tuple[Observation, np.ndarray]:
+    """Rows with "actions" -> (model Observation [b], normalised padded actions [b, H, action_dim]) through the
+    policy's own input pipeline: training sees exactly what acting sees."""
+    transformed = [policy.input_transform(dict(row)) for row in rows]
+    actions = np.stack([np.asarray(t.pop("actions"), np.float32) for t in transformed])
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *transformed)
+    return Observation.from_dict(stacked), actions
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+
+def _trainer_manager(run_dir: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(run_dir / TRAINER_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=2),
+                                 item_names=("trainer", "state"))
+
+
+def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> Path:
+    """Runs (or resumes) pretraining and exports the EMA weights; returns the exported checkpoint folder."""
+    manifest = read_manifest(config.demos)  # a bad folder fails before anything is built
+    model_config = get_preset(config.preset)
+    if config.tokenizer is None and config.preset not in SHIPPED_TOKENIZER:
+        raise ValueError(f"preset {config.preset!r} has no shipped tokenizer; pass --tokenizer")
+    run_dir = Path(config.run_dir).expanduser().absolute()
+    if (run_dir / CHECKPOINT_DIR).exists() and not config.resume:
+        raise FileExistsError(f"{run_dir} already holds an exported checkpoint; choose another --run-dir")
+    episodes = list(iter_episodes(config.demos))
+    frames = DemoFrames(episodes, model_config.action_horizon)
+    norm_stats = compute_norm_stats(episodes)
+    assets = run_dir / "norm_stats"
+    save_norm_stats(assets, norm_stats)
+    tokenizer = config.tokenizer or str(checkpoints.path(SHIPPED_TOKENIZER[config.preset]))
+    source = ActorSource(preset=config.preset, tokenizer=tokenizer, norm_stats=str(assets), seed=config.seed)
+    policy = source.build(trainable=True)  # random weights (seeded): the model is trained from scratch
+    actor: Pi05Actor = policy.actor
+    trainer = ActorTrainer.create(actor.params, config.optimizer, seed=config.seed)
+    sampler = np.random.default_rng(config.seed)
+    start_step = 0
+    manager = _trainer_manager(run_dir)
+    with RunLogger(run_dir, config, resume=config.resume, allow_config_change=config.resume,  # e.g. more steps
+                   wandb_mode=config.wandb_mode,  # type: ignore[arg-type]
+                   progress=False, plot_every=0) as logger:
+        if config.resume and manager.latest_step() is not None:
+            step = manager.latest_step()
+            with _quiet_orbax():
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    trainer=ocp.args.StandardRestore(trainer), state=ocp.args.JsonRestore()))
+            trainer = restored["trainer"]
+            sampler.bit_generator.state = restored["state"]["sampler"]
+            start_step = int(restored["state"]["step"])
+            logger.rewind(start_step)
+            log(f"resumed at step {start_step}")
+        log(f"pretraining {config.preset} on {len(frames)} frames of {len(episodes)} episodes, "
+            f"{len(manifest['tasks'])} tasks; steps {start_step}->{config.steps}")
+        start, losses = time.perf_counter(), []
+        step = start_step
+        for step in range(start_step + 1, config.steps + 1):
+            observation, actions = training_batch(policy, frames.rows(
+                sampler.integers(0, len(frames), config.optimizer.batch_size)))
+            trainer, info = trainer.update(actor, observation, actions)
+            losses.append(info["actor_flow_loss"])
+            if step % config.log_every == 0:
+                loss = float(np.mean(jax.device_get(losses)))
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"flow loss is {loss} at step {step}; lower --optimizer.learning-rate "
+                                             "and --resume from the last checkpoint")
+                elapsed = time.perf_counter() - start
+                logger.log({"train/flow_loss": loss, "train/grad_norm": float(info["actor_grad_norm"]),
+                            "learning_rate": float(config.optimizer.schedule()(step)),
+                            "seconds": elapsed, "steps_per_s": (step - start_step) / elapsed}, step=step)
+                log(f"step {step}: flow loss {loss:.4f} ({(step - start_step) / elapsed:.2f} steps/s)")
+                losses = []
+            budget_over = config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s
+            if step % config.save_every == 0 or step == config.steps or budget_over:
+                with _quiet_orbax():
+                    manager.save(step, args=ocp.args.Composite(
+                        trainer=ocp.args.StandardSave(trainer),
+                        state=ocp.args.JsonSave({"step": step, "sampler": sampler.bit_generator.state})))
+                    manager.wait_until_finished()
+            if budget_over:
+                log(f"time budget of {config.time_budget_s} s reached at step {step}")
+                break
+        manager.close()
+        out = export_checkpoint(run_dir, trainer, norm_stats, tokenizer, {
+            "preset": config.preset, "steps": step, "frames": len(frames), "episodes": len(episodes),
+            "tasks": [{k: t[k] for k in ("task_id", "name", "instruction", "successes")} for t in manifest["tasks"]],
+            "demos": str(config.demos), "demo_config": manifest["config"], "config": to_jsonable(config, strict=False),
+            "parameters": int(sum(np.size(x) for x in jax.tree.leaves(trainer.params))),
+            "train_seconds": time.perf_counter() - start})
+    log(f"exported {out}")
+    return out
+
+
+def export_checkpoint(run_dir: Path, trainer: ActorTrainer, norm_stats: dict[str, NormStats], tokenizer: str,
+                      card: dict[str, Any]) -> Path:
+    """Writes <run_dir>/checkpoint (openpi layout + tokenizer + pretrain.json) in one step; returns it."""
+    target = run_dir / CHECKPOINT_DIR
+    work = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=run_dir))
+    try:
+        staged = save_params(work / CHECKPOINT_DIR, jax.device_get(trainer.acting_params))
+        save_norm_stats(staged / LIBERO_ASSETS, norm_stats)
+        shutil.copyfile(tokenizer, staged / TOKENIZER_FILE)
+        atomic_write(staged / CARD_FILE, (json.dumps(to_jsonable(card, strict=False), indent=1) + "\n").encode())
+        download.move_into_place(staged, target, replace=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
