@@ -67,9 +67,9 @@ class ServeArgs:
     """Exported policy bundle (`faster-vla export`) to serve instead of --actor.*."""
     max_batch: int | None = None
     """Most waiting requests run in one batched policy call (1: one request at a time). Default: 1 on CPU,
-    where π0.5 is compute-bound and a batch of b costs about b single requests; 8 on a GPU/TPU, where one
-    batched call fills the device that one request leaves mostly idle. Batch sizes are padded to powers of
-    two, each compiled at start."""
+    where π0.5 is compute-bound: a row of a batch of 4 is only 2-6 % cheaper than a lone request, and under
+    4 clients batching cut requests/s to x0.74-0.80 (batches of 3 padded to 4; docs/benchmarks.md, Serving). 8 on a GPU/TPU, where one request leaves the device mostly idle (not yet measured here). Batch
+    sizes are padded to powers of two, each compiled at start."""
     warmup: bool = True
     """Run inference (every batch size) before listening, so no client waits for compilation."""
 
