@@ -1,10 +1,11 @@
 """Scoring policies on LIBERO tasks: the base π0.5, a fine-tuning run's checkpoint or a bundle; task selection.
 
 `evaluate` runs `trials` episodes per task on the suite's init states 0..trials-1 (openpi's protocol uses 50)
-and writes per-task success to a JSON file atomically. A run's checkpoint acts with the run's own selection
-rule, greedily (its learner's critics and edit policy); the base policy acts with the `base` rule, which is
-exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90 tasks worth
-fine-tuning on: those where the base policy scores within [low, high] (40–60 %).
+and writes per-task success to a JSON file atomically; `num_workers > 1` runs them in lockstep over env worker
+processes (`faster_vla.rollout`), with the same per-episode results. A run's checkpoint acts with the run's
+own selection rule, greedily (its learner's critics and edit policy); the base policy acts with the `base`
+rule, which is exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90
+tasks worth fine-tuning on: those where the base policy scores within [low, high] (40–60 %).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from faster_vla.agent import Agent
 from faster_vla.bundle import TunedPolicy, load_policy
 from faster_vla.finetune import TrainConfig, learner_config, load_run
 from faster_vla.learner import Learner
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, resolve_task
+from faster_vla.libero_env import LiberoEnvConfig, check_libero_installed, resolve_task
+from faster_vla.rollout import check_num_workers, num_init_states, open_envs, run_episodes
 from faster_vla.run_log import atomic_write, ensure_writable_dir
 from faster_vla.selection import SelectionConfig
 
@@ -54,8 +56,13 @@ class EvalConfig:
     """Where to write the per-task results (JSON, written atomically)."""
     seed: int = 7
     """Seed of the env and the noises."""
+    num_workers: int = 1
+    """Env worker processes stepping episodes in lockstep, the policy acting once per step on all of them (1: one
+    env in this process). Each worker needs ~2 GB of RAM; on CPU rendering dominates a step, so use at most
+    one worker per free core. Per-episode results are the same as with 1."""
 
     def __post_init__(self) -> None:
+        check_num_workers(self.num_workers)
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         if not self.tasks:
@@ -82,24 +89,6 @@ class SelectTasksConfig:
 
 def _task_arg(task: str) -> int | str:
     return int(task) if task.strip().lstrip("-").isdigit() else task
-
-
-def run_episodes(agent: Agent, learner: Learner, selection: SelectionConfig, env: LiberoEnv, trials: int,
-                 seed: int) -> list[bool]:
-    """`trials` episodes on init states 0..trials-1; success of each."""
-    key = jax.random.key(seed)
-    successes = []
-    for i in range(min(trials, env.num_init_states)):
-        obs = env.reset(i)
-        k = jax.random.fold_in(key, i)
-        done = truncated = False
-        while not (done or truncated):
-            k, sub = jax.random.split(k)
-            decision = agent.act(learner, obs, selection=selection, rng=sub)
-            result = env.step_chunk(decision.actions)
-            obs, done, truncated = result.obs, result.done, result.truncated
-        successes.append(bool(done))
-    return successes
 
 
 def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -133,11 +122,14 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
     for task in tasks:
         env_config = LiberoEnvConfig(suite=config.suite, task=task.task_id, max_steps=config.max_steps,
                                      seed=config.seed, render_mode=config.render_mode)
-        with LiberoEnv(env_config) as env:
-            successes = run_episodes(agent, learner, selection, env, config.trials, config.seed)
+        with open_envs(env_config, min(config.num_workers, config.trials)) as env:
+            init_states = range(min(config.trials, num_init_states(env)))
+            episodes = run_episodes(agent, learner, selection, env, init_states, jax.random.key(config.seed))
+        successes = [e.success for e in episodes]
         rate = float(np.mean(successes))
         results[str(task.task_id)] = {"name": task.name, "instruction": task.instruction, "trials": len(successes),
-                                      "successes": int(sum(successes)), "success_rate": rate}
+                                      "successes": int(sum(successes)), "success_rate": rate,
+                                      "episodes": [dataclasses.asdict(e) for e in episodes]}
         log(f"{what}: {config.suite} task {task.task_id} ({task.name}): {rate:.0%} of {len(successes)}")
     report = {"policy": what, "suite": config.suite, "tasks": results,
               "mean_success": float(np.mean([r["success_rate"] for r in results.values()]))}

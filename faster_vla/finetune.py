@@ -30,11 +30,13 @@ from faster_vla.agent import Agent, critic_inputs
 from faster_vla.critics.edit_policy import EditPolicyConfig
 from faster_vla.critics.encoders import EncoderConfig
 from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
+from faster_vla.env_pool import EnvPool
 from faster_vla.learner import Learner, LearnerConfig
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, resolve_task
+from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, make_libero_pool, resolve_task
 from faster_vla.policies import flops as actor_flops
 from faster_vla.policies.config import get_preset
 from faster_vla.replay import ChunkBatch, FrozenActorCacheSpec, ReplayBuffer
+from faster_vla.rollout import check_num_workers, run_episodes
 from faster_vla.run_checkpoint import RunCheckpointer
 from faster_vla.run_log import RunLogger, ensure_writable_dir, from_jsonable
 from faster_vla.schedule import UpdateSchedule
@@ -98,6 +100,10 @@ class TrainConfig:
     """Evaluate every this many episodes (0: never); also at the end."""
     eval_episodes: int = 10
     """Evaluation episodes, on the suite's init states 0..eval_episodes-1 (the same every time)."""
+    eval_num_workers: int = 1
+    """Env worker processes for the evaluation (1: the training env). More step the eval episodes in lockstep, the
+    policy acting once per step on all of them; each needs ~2 GB of RAM and, on CPU, about a core (rendering
+    dominates a step). Started at the first evaluation and kept until the run ends; same results as 1."""
     checkpoint_every: int = 5
     """Save a run checkpoint every this many episodes (and after each evaluation and at the end)."""
     keep_last: int = 3
@@ -118,6 +124,7 @@ class TrainConfig:
                      "cache_batch", "checkpoint_every", "keep_last", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_num_workers(self.eval_num_workers, "eval_num_workers")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.window_starts not in ("chunk", "step"):
@@ -223,6 +230,7 @@ class Run:
         self.checkpointer = RunCheckpointer(config.run_dir / "checkpoints", keep_last=config.keep_last,
                                             keep_best=config.keep_best)
         self._update_flops: float | None = None
+        self._eval_envs: EnvPool | None = None  # eval worker processes, when eval_num_workers > 1
         self._cache_row_flops = float(actor_flops.prefix_flops(actor_config) + config.selection.num_candidates
                                       * config.num_steps * actor_flops.denoise_flops(actor_config, num_candidates=1,
                                                                                      num_steps=1))
@@ -317,11 +325,21 @@ class Run:
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, env: LiberoEnv) -> float:
-        """Greedy selection on init states 0..eval_episodes-1 (the same ones every time)."""
+        """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env`, or over
+        the eval worker processes when eval_num_workers > 1."""
         n = min(self.config.eval_episodes, env.num_init_states)
-        key = jax.random.key(self.config.seed + 1_000_003)
-        results = [self.episode(env, i, jax.random.fold_in(key, i), train=False) for i in range(n)]
-        return float(np.mean([r["success"] for r in results]))
+        workers = min(self.config.eval_num_workers, n)
+        if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
+            self._eval_envs = make_libero_pool(self.config.env, workers)
+        envs = env if workers == 1 else self._eval_envs
+        results = run_episodes(self.agent, self.learner, self.eval_selection, envs, range(n),
+                               jax.random.key(self.config.seed + 1_000_003))
+        return float(np.mean([r.success for r in results]))
+
+    def close(self) -> None:
+        """Stops the eval worker processes, if any were started."""
+        if self._eval_envs is not None:
+            self._eval_envs.close()
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -413,4 +431,5 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                     run.save(eval_success if evaluate else None)
         finally:
             env.close()
+            run.close()
     return {"counters": dataclasses.asdict(run.counters), "eval_success": eval_success}
