@@ -22,7 +22,7 @@ import numpy as np
 from faster_vla.actor_source import ActorSource
 from faster_vla.agent import Agent
 from faster_vla.bundle import TunedPolicy, load_policy
-from faster_vla.finetune import TrainConfig, learner_config, load_run
+from faster_vla.finetune import CriticConfig, TrainConfig, learner_config, load_run
 from faster_vla.learner import Learner
 from faster_vla.libero_env import LiberoEnvConfig, check_libero_installed, resolve_task
 from faster_vla.rollout import check_num_workers, num_init_states, open_envs, run_episodes
@@ -114,9 +114,12 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
     if config.bundle is None:
         policy = source.build(policy_seed=config.seed)
         if config.run_dir is None:
-            tconfig = TrainConfig(actor=source, selection=selection)
+            # The base rule calls no critic: the smallest ones (building the default ~20M-parameter critics
+            # took ~1 min on CPU for nothing).
+            unused = CriticConfig(hidden_dims=(8,), num_members=2, feature_proj_dim=8, state_embed_dim=8)
+            tconfig = TrainConfig(actor=source, selection=selection, critics=unused)
             lconfig = learner_config(tconfig, policy.actor.config)
-            learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)  # unused by base
+            learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)
         agent = Agent(policy, lconfig, seed=config.seed)
     results: dict[str, Any] = {}
     for task in tasks:
