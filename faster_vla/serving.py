@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import hmac
@@ -483,6 +484,8 @@ class PolicyServer:
             raise
         finally:
             worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
             self._executor.shutdown(wait=True, cancel_futures=True)
 
 
