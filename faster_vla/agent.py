@@ -279,9 +279,7 @@ class Agent:
 
     def observations(self, raw: Sequence[Mapping[str, Any]]) -> Observation:
         """Raw observations (one per step) -> one batched model `Observation` through the policy's transforms."""
-        rows = [self.policy.input_transform(dict(obs)) for obs in raw]
-        batched = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
-        return Observation.from_dict(batched)
+        return self.policy.to_observations(raw)
 
     def cache(self, observation: Observation, noise: np.ndarray, *, batch_size: int = 16) -> dict[str, np.ndarray]:
         """The frozen-actor cache of b observations [b] for noises [b, K, H, A_model], in fixed-size batches.

@@ -4,8 +4,8 @@ Same model code as pi05_libero (a small preset), one language-conditioned multit
 a demonstration folder (`faster_vla.demos`). Training follows openpi's recipe at small scale: the LIBERO
 input pipeline (`make_libero_policy`: quantile normalisation, resize, tokenisation, padding) on each sampled
 frame with its next `action_horizon` actions (the episode's last action repeats past its end, as LeRobot's
-clamped chunks do), openpi's image augmentation, AdamW with warm-up and cosine decay, gradient clipping and
-an EMA of the weights, which is what gets exported.
+clamped chunks do; `Policy.to_training_batch`), openpi's image augmentation, AdamW with warm-up and cosine
+decay, gradient clipping and an EMA of the weights, which is what gets exported.
 
 A run folder holds the resolved config, metrics (`faster_vla.run_log`), orbax checkpoints of the trainer
 for `--resume` (a killed run loses at most `save_every` steps), and at the end `checkpoint/`, written
@@ -28,16 +28,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer
 from faster_vla import checkpoints
+from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer
 from faster_vla.actor_source import LIBERO_ASSETS, SHIPPED_TOKENIZER, ActorSource
 from faster_vla.demos import Episode, iter_episodes, read_manifest
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import _quiet_orbax, save_params
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import NormStats, save_norm_stats
-from faster_vla.policies.pi05 import Observation, Pi05Actor
-from faster_vla.policies.policy import Policy
+from faster_vla.policies.pi05 import Pi05Actor
 from faster_vla.policies.transforms import LIBERO_IMAGE_KEY, LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
 from faster_vla.run_log import RunLogger, atomic_write, to_jsonable
 
@@ -126,15 +125,6 @@ class DemoFrames:
                 for i, c in zip(index, chunk, strict=True)]
 
 
-def training_batch(policy: Policy, rows: Sequence[dict[str, Any]]) -> tuple[Observation, np.ndarray]:
-    """Rows with "actions" -> (model Observation [b], normalised padded actions [b, H, action_dim]) through the
-    policy's own input pipeline: training sees exactly what acting sees."""
-    transformed = [policy.input_transform(dict(row)) for row in rows]
-    actions = np.stack([np.asarray(t.pop("actions"), np.float32) for t in transformed])
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *transformed)
-    return Observation.from_dict(stacked), actions
-
-
 # -- the run -----------------------------------------------------------------------------------------------
 
 
@@ -183,7 +173,7 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
         start, losses = time.perf_counter(), []
         step = start_step
         for step in range(start_step + 1, config.steps + 1):
-            observation, actions = training_batch(policy, frames.rows(
+            observation, actions = policy.to_training_batch(frames.rows(
                 sampler.integers(0, len(frames), config.optimizer.batch_size)))
             trainer, info = trainer.update(actor, observation, actions)
             losses.append(info["actor_flow_loss"])

@@ -78,8 +78,18 @@ class Policy:
 
     def to_observations(self, raw: Sequence[Mapping[str, Any]]) -> Observation:
         """Raw observations (one per row) -> one batched model `Observation` [b], through the input transforms."""
+        return self.to_training_batch(raw)[0]
+
+    def to_training_batch(self, raw: Sequence[Mapping[str, Any]]) -> tuple[Observation, np.ndarray | None]:
+        """Raw rows, optionally each with "actions" [H, 7] -> (Observation [b], actions [b, H, action_dim]
+        normalised and padded, or None): training rows go through exactly the transforms acting uses."""
         rows = [self.input_transform(dict(obs)) for obs in raw]
-        return Observation.from_dict(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows))
+        with_actions = ["actions" in row for row in rows]
+        if any(with_actions) and not all(with_actions):
+            raise ValueError("either every row or none carries 'actions'")
+        actions = np.stack([np.asarray(row.pop("actions"), np.float32) for row in rows]) if all(with_actions) else None
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
+        return Observation.from_dict(stacked), actions
 
     def to_observation(self, obs: Mapping[str, Any]) -> Observation:
         """One raw observation -> the model's batched `Observation` (batch 1), through the input transforms."""

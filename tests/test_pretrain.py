@@ -142,3 +142,25 @@ def test_pretrain_exports_an_openpi_checkpoint_that_acts_and_resumes_exactly(dem
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
     metrics = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["train/flow_loss"]) for m in metrics)
+
+
+def test_training_batches_use_the_acting_pipeline() -> None:
+    """Policy.to_training_batch: the same Observation as acting, plus quantile-normalised, padded actions."""
+    from faster_vla import checkpoints
+    from faster_vla.policies.normalize import normalize_quantile
+
+    policy = ActorSource(preset="tiny_a", tokenizer=str(checkpoints.path("pi05_small/tokenizer.model"))).build()
+    frames = DemoFrames([_episode(12, 0.25)], horizon=10)
+    rows = frames.rows(np.array([0, 5]))
+    for row in rows:
+        row["observation/image"] = np.full((16, 16, 3), 7, np.uint8)
+        row["observation/wrist_image"] = np.full((16, 16, 3), 9, np.uint8)
+    observation, actions = policy.to_training_batch(rows)
+    acting = policy.to_observations([{k: v for k, v in row.items() if k != "actions"} for row in rows])
+    jax.tree.map(np.testing.assert_array_equal, observation, acting)
+    assert actions.shape == (2, 10, policy.actor.config.action_dim)
+    stats = policy.input_transform.transforms[1].norm_stats["actions"]
+    np.testing.assert_allclose(actions[1, :, :7], normalize_quantile(rows[1]["actions"], stats), rtol=1e-6)
+    assert np.all(actions[..., 7:] == 0)
+    with pytest.raises(ValueError, match="every row or none"):
+        policy.to_training_batch([rows[0], {k: v for k, v in rows[1].items() if k != "actions"}])
