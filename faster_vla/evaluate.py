@@ -2,7 +2,7 @@
 
 `evaluate` runs `trials` episodes per task on the suite's init states 0..trials-1 (openpi's protocol uses 50)
 and writes per-task success to a JSON file atomically; `num_workers > 1` runs them in lockstep over env worker
-processes (`faster_vla.rollout`), with the same per-episode results. A run's checkpoint acts with the run's
+processes (`faster_vla.rollout`), with the same per-episode keys. A run's checkpoint acts with the run's
 own selection rule, greedily (its learner's critics and edit policy); the base policy acts with the `base`
 rule, which is exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90
 tasks worth fine-tuning on: those where the base policy scores within [low, high] (40–60 %).
@@ -59,7 +59,7 @@ class EvalConfig:
     num_workers: int = 1
     """Env worker processes stepping episodes in lockstep, the policy acting once per step on all of them (1: one
     env in this process). Each worker needs ~2 GB of RAM; on CPU rendering dominates a step, so use at most
-    one worker per free core. Per-episode results are the same as with 1."""
+    one worker per free core. Per-episode results are those of 1 worker up to float rounding."""
 
     def __post_init__(self) -> None:
         check_num_workers(self.num_workers)

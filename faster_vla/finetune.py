@@ -103,7 +103,7 @@ class TrainConfig:
     eval_num_workers: int = 1
     """Env worker processes for the evaluation (1: the training env). More step the eval episodes in lockstep, the
     policy acting once per step on all of them; each needs ~2 GB of RAM and, on CPU, about a core (rendering
-    dominates a step). Started at the first evaluation and kept until the run ends; same results as 1."""
+    dominates a step). Started at the first evaluation and kept until the run ends."""
     checkpoint_every: int = 5
     """Save a run checkpoint every this many episodes (and after each evaluation and at the end)."""
     keep_last: int = 3

@@ -9,8 +9,9 @@ executes its own chunk; an episode that ends frees its worker for the next init 
 An episode's randomness depends only on (key, init state): its key is `fold_in(key, init_state)`, split once
 per decision, and `Agent.act_batch` gives each row its own noise pool, ensemble pairs and edit draw. The
 envs reset deterministically per init state (`LiberoEnv.reset`). So which worker runs an episode, and which
-episodes share its batches, does not change its chunks beyond the float rounding of batched matmuls
-(~1e-7), and greedy episodes score the same with 1 or N workers.
+episodes share its batches, changes its chunks only by float rounding: XLA rounds a batch of 1
+(matrix-vector products) differently from larger ones, ~1e-7 in a chunk, which the simulator carries into
+later observations; a long episode that is a near-tie can therefore end differently.
 """
 
 from __future__ import annotations
