@@ -21,6 +21,7 @@ Tasks (one expert each; `EXPERTS` maps the libero_90 task name to it):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Callable
@@ -127,7 +128,7 @@ class Phase:
     fingers' closing direction) lies along world y, at ±π/2 along x: pushes turn it parallel to the face."""
 
 
-class Expert:
+class Expert(abc.ABC):
     """A waypoint script: `reset(env, rng)` at each episode start, then `act()` before each control step."""
 
     task_name: str = ""
@@ -144,9 +145,9 @@ class Expert:
         self.scene: Scene | None = None
         self.retries = 0  # times the script ran out without the episode ending and started over
 
+    @abc.abstractmethod
     def phases(self, scene: Scene, rng: np.random.Generator) -> list[Phase]:
-        """The script for this episode (subclasses); may read the initial scene and draw from rng."""
-        raise NotImplementedError
+        """The script for this episode; may read the initial scene and draw from rng."""
 
     def reset(self, env: LiberoEnv, rng: np.random.Generator) -> None:
         if self.task_name and env.task.name != self.task_name:
