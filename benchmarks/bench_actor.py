@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -54,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import cpu_model, write_result
 from faster_vla.policies import flops as flops_lib
 from faster_vla.policies import pi05
 from faster_vla.policies.config import IMAGE_KEYS, Pi05Config, get_preset
@@ -306,17 +306,6 @@ def ratio_table(ratios: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pi05_libero", choices=["pi05_libero", "tiny_a"])
@@ -534,9 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             "ratios": ratios,
             "analytic_flops": flops_lib.actor_flops(config).as_dict(),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_result(args.json, result)
         log(f"wrote {args.json}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -22,7 +21,7 @@ from typing import Any
 
 import jax
 
-from bench_libero_env import _cpu_model  # noqa: I001 - a sibling script (benchmarks/ is on sys.path)
+from bench_common import cpu_model, write_result
 from faster_vla.actor_source import ActorSource
 from faster_vla.agent import Agent
 from faster_vla.finetune import learner_config
@@ -129,7 +128,7 @@ def main() -> None:
         "episodes_result": [dataclasses.asdict(r) for r in results[1]],
         "env": {
             "command": "python " + " ".join(sys.argv),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
@@ -139,11 +138,7 @@ def main() -> None:
         },
     }
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_result(args.json, out)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ import time
 
 import numpy as np
 
+from bench_common import cpu_model, write_result
 from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, make_libero_pool
 
 CHUNK = 10
@@ -28,17 +28,6 @@ CHUNK = 10
 
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench_single(config: LiberoEnvConfig, repeats: int, rng: np.random.Generator) -> dict:
@@ -166,7 +155,7 @@ def main() -> None:
         "pool": pools,
         "env": {
             "command": "python " + " ".join(sys.argv),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
@@ -178,11 +167,7 @@ def main() -> None:
         },
     }
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_result(args.json, result)}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ import numpy as np
 from openpi_client import msgpack_numpy as openpi_msgpack
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
+from bench_common import write_result
 from faster_vla import serving
 from faster_vla.launch.serve import ServeArgs, build_policy, warm_up
 
@@ -552,8 +553,7 @@ def main() -> None:
             print(f"K={row['clients']}: --max-batch {args.max_batch} vs 1: requests/s x{row['requests_per_s_ratio']:.3f}, "
                   f"p50 latency x{row['latency_p50_ratio']:.3f} (mean batch {row['mean_batch_size']:.2f})")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(args.json, result, indent=1)
     for mb, log in server_logs.items():
         if log and "Traceback" in log:
             print(f"server log (--max-batch {mb}):\n" + log, file=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import write_result
 from faster_vla.critics.edit_policy import PI05_LIBERO_EDIT_POLICY
 from faster_vla.critics.encoders import encoder_for_pi05
 from faster_vla.critics.networks import PI05_LIBERO_CHUNK_CRITIC, PI05_LIBERO_NOISE_CRITIC, count_params
@@ -149,8 +149,7 @@ def main() -> None:
         print(f"| {name} | {compile_s[name]:.2f} | {med[name]:.3f} | {min(times[name]):.3f} |")
     print(f"recompute / cache (median): {result['ratio_recompute_over_cache']:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.json, result, indent=1)
 
 
 if __name__ == "__main__":
