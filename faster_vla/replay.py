@@ -66,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -74,6 +73,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from faster_vla import chunked_td
+from faster_vla.run_log import atomic_write
 
 FORMAT = "faster_vla.replay"
 FORMAT_VERSION = 1
@@ -599,21 +599,11 @@ class ReplayBuffer:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the whole buffer to `path` (one .npz) atomically: temp file, fsync, os.replace."""
+        """Writes the whole buffer to `path` (one .npz) atomically (`run_log.atomic_write`, streamed)."""
         path = Path(path)
         meta = np.frombuffer(json.dumps(self._meta()).encode("utf-8"), np.uint8)
         arrays = {k: v[: self._high_water] for k, v in self._arrays().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{_META_KEY: meta}, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **{_META_KEY: meta}, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:

@@ -35,9 +35,9 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -71,14 +71,18 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str = "run folder") 
     return path
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], Any]) -> None:
     """Replaces `path` with `data` in one step (temp file in the same folder, fsync, os.replace): readers see
-    the old content or the new, never a mix, whenever the writer dies."""
+    the old content or the new, never a mix, whenever the writer dies. `data` is the bytes, or a function
+    that writes them to the open file (large payloads, e.g. a replay buffer, are streamed, not copied)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
