@@ -42,6 +42,7 @@ from faster_vla.run_log import RunLogger, atomic_write, to_jsonable
 
 CHECKPOINT_DIR = "checkpoint"  # the exported openpi checkpoint inside the run folder
 TRAINER_DIR = "trainer"  # orbax checkpoints of the trainer, for --resume
+SNAPSHOT_DIR = "snapshots"  # with --snapshots: snapshots/step_<N>, each laid out as checkpoint/
 TOKENIZER_FILE = "tokenizer.model"
 CARD_FILE = "pretrain.json"
 
@@ -72,6 +73,9 @@ class PretrainConfig:
     """Steps between metric records."""
     save_every: int = 1000
     """Steps between trainer checkpoints (resume points)."""
+    snapshots: bool = False
+    """Also export each saved step's EMA weights as a loadable checkpoint in snapshots/step_<N>, so that the
+    step to ship can be chosen by evaluating them (the built-in model is deliberately imperfect)."""
     resume: bool = False
     """Continue the run in run_dir from its last trainer checkpoint."""
     wandb_mode: str = "offline"
@@ -171,6 +175,17 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
         log(f"pretraining {config.preset} on {len(frames)} frames of {len(episodes)} episodes, "
             f"{len(manifest['tasks'])} tasks; steps {start_step}->{config.steps}")
         start, losses = time.perf_counter(), []
+
+        def card(at_step: int) -> dict[str, Any]:  # the model card's facts (pretrain.json)
+            return {
+                "preset": config.preset, "steps": at_step, "frames": len(frames), "episodes": len(episodes),
+                "tasks": [{k: t[k] for k in ("task_id", "name", "instruction", "successes")}
+                          for t in manifest["tasks"]],
+                "demos": str(config.demos), "demo_config": manifest["config"],
+                "config": to_jsonable(config, strict=False),
+                "parameters": int(sum(np.size(x) for x in jax.tree.leaves(trainer.params))),
+                "train_seconds": time.perf_counter() - start}
+
         step = start_step
         for step in range(start_step + 1, config.steps + 1):
             observation, actions = policy.to_training_batch(frames.rows(
@@ -195,24 +210,23 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
                         trainer=ocp.args.StandardSave(trainer),
                         state=ocp.args.JsonSave({"step": step, "sampler": sampler.bit_generator.state})))
                     manager.wait_until_finished()
+                if config.snapshots:
+                    export_checkpoint(run_dir, trainer, norm_stats, tokenizer, card(step),
+                                      target=run_dir / SNAPSHOT_DIR / f"step_{step}")
             if budget_over:
                 log(f"time budget of {config.time_budget_s} s reached at step {step}")
                 break
         manager.close()
-        out = export_checkpoint(run_dir, trainer, norm_stats, tokenizer, {
-            "preset": config.preset, "steps": step, "frames": len(frames), "episodes": len(episodes),
-            "tasks": [{k: t[k] for k in ("task_id", "name", "instruction", "successes")} for t in manifest["tasks"]],
-            "demos": str(config.demos), "demo_config": manifest["config"], "config": to_jsonable(config, strict=False),
-            "parameters": int(sum(np.size(x) for x in jax.tree.leaves(trainer.params))),
-            "train_seconds": time.perf_counter() - start})
+        out = export_checkpoint(run_dir, trainer, norm_stats, tokenizer, card(step))
     log(f"exported {out}")
     return out
 
 
 def export_checkpoint(run_dir: Path, trainer: ActorTrainer, norm_stats: dict[str, NormStats], tokenizer: str,
-                      card: dict[str, Any]) -> Path:
-    """Writes <run_dir>/checkpoint (openpi layout + tokenizer + pretrain.json) in one step; returns it."""
-    target = run_dir / CHECKPOINT_DIR
+                      card: dict[str, Any], *, target: Path | None = None) -> Path:
+    """Writes `target` (default <run_dir>/checkpoint; openpi layout + tokenizer + pretrain.json) in one step."""
+    target = run_dir / CHECKPOINT_DIR if target is None else target
+    target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=run_dir))
     try:
         staged = save_params(work / CHECKPOINT_DIR, jax.device_get(trainer.acting_params))

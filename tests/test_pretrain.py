@@ -28,7 +28,8 @@ from faster_vla.demos import (
 from faster_vla.experts import expert_for, run_expert
 from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig
 from faster_vla.policies import checkpoint as ckpt_lib
-from faster_vla.pretrain import CARD_FILE, CHECKPOINT_DIR, DemoFrames, PretrainConfig, compute_norm_stats, pretrain
+from faster_vla.pretrain import (CARD_FILE, CHECKPOINT_DIR, SNAPSHOT_DIR, DemoFrames, PretrainConfig, compute_norm_stats,
+                                 pretrain)
 
 STOVE = "KITCHEN_SCENE3_turn_on_the_stove"  # the shortest scripted task (~60 steps)
 
@@ -121,8 +122,14 @@ def _tiny_config(demos: Path, run_dir: Path, steps: int, **kw) -> PretrainConfig
 def test_pretrain_exports_an_openpi_checkpoint_that_acts_and_resumes_exactly(demos: Path, tmp_path: Path) -> None:
     """4 steps in one go export a complete openpi checkpoint that acts; 2 steps then --resume to 4 give the
     same weights (trainer, its RNG and the batch sampler restored) and one metric record per step."""
-    out = pretrain(_tiny_config(demos, tmp_path / "straight", steps=4), log=lambda _: None)
+    out = pretrain(_tiny_config(demos, tmp_path / "straight", steps=4, snapshots=True), log=lambda _: None)
     assert out == (tmp_path / "straight" / CHECKPOINT_DIR).absolute()
+    # --snapshots: every saved step is a loadable checkpoint too; the last one is the export itself.
+    snapshots = tmp_path / "straight" / SNAPSHOT_DIR
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_2", "step_4"]
+    assert json.loads((snapshots / "step_2" / CARD_FILE).read_text())["steps"] == 2
+    jax.tree.map(np.testing.assert_array_equal, ckpt_lib.restore_params(snapshots / "step_4" / "params"),
+                 ckpt_lib.restore_params(out / "params"))
     assert ckpt_lib.checkpoint_layout(out) == "release"
     card = json.loads((out / CARD_FILE).read_text())
     assert card["steps"] == 4 and card["episodes"] == 1 and card["tasks"][0]["name"] == STOVE
