@@ -227,7 +227,7 @@ def resolve_params_dir(path: str | os.PathLike[str]) -> Path:
     """The `params` item folder for any accepted location (downloading gs:// URLs first)."""
     if download.is_remote(path):
         path = download.maybe_download(str(path))
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # orbax reads no metadata from a relative path
     if not path.exists():
         raise CheckpointNotFoundError(f"Checkpoint path {str(path)!r} does not exist; {ACCEPTED_LAYOUTS}")
     if not path.is_dir():

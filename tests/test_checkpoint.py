@@ -246,6 +246,13 @@ def test_save_restore_round_trip(ref, tmp_path: Path) -> None:
     assert _siblings(out) == ["ckpt"]  # no temporary folder left behind
 
 
+def test_restore_from_a_relative_path(ref, tmp_path: Path, monkeypatch) -> None:
+    """`--actor.checkpoint runs/x/checkpoint` works: orbax finds no metadata under a relative path."""
+    ckpt.save_params(tmp_path / "ckpt", ckpt.unflatten_params(ref))
+    monkeypatch.chdir(tmp_path)
+    assert sorted(ckpt.flatten_params(ckpt.restore_params("ckpt"))) == sorted(ref)
+
+
 def test_saved_checkpoint_is_what_openpi_writes_and_reads(openpi_fixtures: Path, ref, tmp_path: Path) -> None:
     out = ckpt.save_params(tmp_path / "ckpt", ckpt.unflatten_params({k: jnp.asarray(v) for k, v in ref.items()}))
     ours, theirs = out / "params", openpi_fixtures / RELEASE / "params"
