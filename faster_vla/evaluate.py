@@ -30,6 +30,17 @@ from faster_vla.run_log import atomic_write, ensure_writable_dir
 from faster_vla.selection import SelectionConfig
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (95 % at z=1.96): sound at 0 or all successes and for
+    few trials, where the normal approximation gives intervals outside [0, 1] or of zero width."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    p, z2 = successes / trials, z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Score a policy on LIBERO tasks: per-task success over fixed init states, written to `output`."""
@@ -122,9 +133,12 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
             learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)
         agent = Agent(policy, lconfig, seed=config.seed)
     results: dict[str, Any] = {}
+    # Camera images reach the policy at its own input size (resize-with-pad in the env, as in openpi's LIBERO
+    # example and the recorded demonstrations), not resized twice.
+    image_size = agent.actor.config.siglip.image_size
     for task in tasks:
         env_config = LiberoEnvConfig(suite=config.suite, task=task.task_id, max_steps=config.max_steps,
-                                     seed=config.seed, render_mode=config.render_mode)
+                                     seed=config.seed, render_mode=config.render_mode, image_size=image_size)
         with open_envs(env_config, min(config.num_workers, config.trials)) as env:
             init_states = range(min(config.trials, num_init_states(env)))
             episodes = run_episodes(agent, learner, selection, env, init_states, jax.random.key(config.seed))
@@ -132,9 +146,10 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
         rate = float(np.mean(successes))
         results[str(task.task_id)] = {"name": task.name, "instruction": task.instruction, "trials": len(successes),
                                       "successes": int(sum(successes)), "success_rate": rate,
+                                      "ci95": wilson_interval(int(sum(successes)), len(successes)),
                                       "episodes": [dataclasses.asdict(e) for e in episodes]}
         log(f"{what}: {config.suite} task {task.task_id} ({task.name}): {rate:.0%} of {len(successes)}")
-    report = {"policy": what, "suite": config.suite, "tasks": results,
+    report = {"policy": what, "suite": config.suite, "max_steps": config.max_steps, "seed": config.seed, "tasks": results,
               "mean_success": float(np.mean([r["success_rate"] for r in results.values()]))}
     atomic_write(Path(config.output), (json.dumps(report, indent=2) + "\n").encode())
     return report
