@@ -75,6 +75,9 @@ class TrainConfig:
     """Critic sizes."""
     episodes: int = 500
     """Training episodes."""
+    env_step_budget: int | None = None
+    """Also stop after the episode that brings the run to this many env steps (methods compared side by side
+    get the same budget; episodes that succeed sooner leave more of it). None: only `episodes` counts."""
     updates_per_episode: int = 3
     """Updates after each episode (the paper's VLA setting: 3)."""
     utd: int = 10
@@ -125,6 +128,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_num_workers(self.eval_num_workers, "eval_num_workers")
+        if self.env_step_budget is not None and self.env_step_budget < 1:
+            raise ValueError(f"env_step_budget must be >= 1 or None, got {self.env_step_budget}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.window_starts not in ("chunk", "step"):
@@ -386,17 +391,24 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     elif run.checkpointer.latest_episode is not None:
         raise FileExistsError(f"{config.run_dir} already holds a run: pass --resume to continue it, or choose "
                               "another --run-dir")
-    max_steps = config.env.episode_max_steps()
+    total_env_steps = config.episodes * config.env.episode_max_steps()
+    if config.env_step_budget is not None:
+        total_env_steps = min(total_env_steps, config.env_step_budget)
     eval_success: float | None = None
     # `resume` is how this process starts, not part of the run: the stored config never carries it.
     with RunLogger(config.run_dir, dataclasses.replace(config, resume=False), resume=config.resume, wandb_mode=config.wandb_mode,
-                   total_env_steps=config.episodes * max_steps, progress=config.progress) as logger:
+                   total_env_steps=total_env_steps, progress=config.progress) as logger:
         if config.resume:
             logger.rewind(run.counters.episodes)  # drop records logged after the checkpoint
         env = LiberoEnv(config.env)
         try:
             key = jax.random.key(config.seed)
-            while run.counters.episodes < config.episodes:
+            def finished() -> bool:
+                c = run.counters
+                return c.episodes >= config.episodes or (config.env_step_budget is not None
+                                                         and c.env_steps >= config.env_step_budget)
+
+            while not finished():
                 start = time.perf_counter()
                 episode = run.counters.episodes
                 init_state = int(np.random.default_rng([config.seed, 2, episode]).integers(env.num_init_states))
@@ -411,8 +423,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 infos = []
                 due = run.schedule.updates_due(steps_before=steps_before, steps_after=run.replay.steps_added,
                                                episode_done=True)
+                update_start = time.perf_counter()
                 if config.selection.rule != "base" and run.replay.num_windows(run.horizon, run.stride) > 0:
-                    infos = [run.update() for _ in range(due)]
+                    infos = [run.update() for _ in range(due)]  # each ends on a host sync (float(info))
+                update_ms = (time.perf_counter() - update_start) * 1e3 / max(len(infos), 1)
                 c.wall_s += time.perf_counter() - start
                 metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
                            "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
@@ -422,7 +436,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 metrics.update({f"time_ms/{k}": v for k, v in summary["timing_ms"].items()})
                 if infos:
                     metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
-                evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or c.episodes == config.episodes
+                    metrics["time_ms/update"] = update_ms  # mean wall time of one update (first ones compile)
+                evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or finished()
                 if evaluate:
                     eval_success = run.evaluate(env)
                     metrics["eval/success_rate"] = eval_success

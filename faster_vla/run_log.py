@@ -265,7 +265,7 @@ def _metric_names(records: Sequence[dict], pattern: str) -> list[str]:
     return list(names)
 
 
-def _figure_png(draw: Any, size: tuple[float, float]) -> bytes:
+def figure_png(draw: Any, size: tuple[float, float]) -> bytes:
     """Draws with `draw(figure)` on an Agg canvas (no pyplot, so no global backend change) -> PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - plotting only
     from matplotlib.figure import Figure  # noqa: PLC0415
@@ -307,7 +307,7 @@ def write_plots(records: Sequence[dict], plots_dir: str | os.PathLike[str], keys
             ax.legend(fontsize=8)
 
         path = plots_dir / name
-        atomic_write(path, _figure_png(draw, (6, 4)))
+        atomic_write(path, figure_png(draw, (6, 4)))
         written.append(path)
 
     success_plot(keys.env_steps, "env steps", False, "success_vs_env_steps.png")
@@ -330,7 +330,7 @@ def write_plots(records: Sequence[dict], plots_dir: str | os.PathLike[str], keys
             axes[-1].set_xlabel("update step")
 
         path = plots_dir / "losses.png"
-        atomic_write(path, _figure_png(draw, (6, 1.8 * len(losses) + 0.6)))
+        atomic_write(path, figure_png(draw, (6, 1.8 * len(losses) + 0.6)))
         written.append(path)
     return written
 

@@ -22,16 +22,22 @@ from faster_vla.launch.train import TRAIN_CONFIGS  # noqa: E402
 from faster_vla.run_checkpoint import RunCheckpointer  # noqa: E402
 from faster_vla.run_log import from_jsonable  # noqa: E402
 
-# The CLI's CPU config, cut to one 10-step chunk per episode so a CI run is mostly compilation.
-ARGS = ["--episodes", "2", "--env.max-steps", "10", "--env.resolution", "64", "--eval-every", "2",
-        "--checkpoint-every", "1", "--no-progress", "--wandb-mode", "offline"]
+# The CLI's CPU config, cut to one 10-step chunk per episode so a CI run is mostly compilation; the env-step
+# budget (20) ends it after 2 of its 3 episodes.
+ARGS = ["--episodes", "3", "--env-step-budget", "20", "--env.max-steps", "10", "--env.resolution", "64",
+        "--eval-every", "2", "--eval-episodes", "1", "--checkpoint-every", "1", "--no-progress", "--wandb-mode", "offline"]
 
 
 def _config(run_dir: Path, **overrides) -> TrainConfig:
     base = TRAIN_CONFIGS["cpu_small_faster_expo"][1]
     env = dataclasses.replace(base.env, max_steps=10, resolution=64)
-    fields = dict(run_dir=run_dir, env=env, episodes=2, eval_every=2, checkpoint_every=1, progress=False)
+    fields = dict(run_dir=run_dir, env=env, episodes=3, env_step_budget=20, eval_every=2, eval_episodes=1,
+                  checkpoint_every=1, progress=False)
     return dataclasses.replace(base, **{**fields, **overrides})
+
+
+def base_updates() -> int:
+    return TRAIN_CONFIGS["cpu_small_faster_expo"][1].updates_per_episode
 
 
 def test_kill_9_then_resume_continues_the_run(tmp_path):
@@ -61,7 +67,7 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
     result = train(dataclasses.replace(stored, resume=True), log=lambda *_: None)
     counters = result["counters"]
     assert counters["episodes"] == 2 and counters["env_steps"] == 20
-    assert counters["updates"] == 2 * 2 and counters["acting_flops"] > 0 and counters["update_flops"] > 0
+    assert counters["updates"] == 2 * base_updates() and counters["acting_flops"] > 0 and counters["update_flops"] > 0
 
     # The final checkpoint holds the whole run: replay rows of both episodes, counters matching them.
     from faster_vla.finetune import Run
