@@ -2,9 +2,11 @@
 
 An `ActorSource` names the architecture (a preset), the weights (an openpi checkpoint, local or gs://), the
 tokenizer and the norm stats, with the defaults a user expects: `pi05_libero` resolves to openpi's released
-checkpoint, its LIBERO norm stats and the PaliGemma tokenizer; `pi05_small` to the shipped small tokenizer
-and, until the pretrained small checkpoint ships, random weights with unit norm stats (which exercise the
-whole pipeline, not a skill). `check()` validates everything local before anything is loaded.
+checkpoint, its LIBERO norm stats and the PaliGemma tokenizer; `pi05_libero_small` to the small π0.5 that
+ships in `checkpoints/pi05_libero_small` (pretrained on scripted LIBERO demonstrations, with its own norm
+stats and tokenizer); `pi05_small` to random weights with unit norm stats (which exercise the whole
+pipeline, not a skill). `checkpoint="random"` asks for seeded random weights for any small preset (e.g. to
+pretrain from scratch). `check()` validates everything local before anything is loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from faster_vla.policies.tokenizer import PaligemmaTokenizer
 RELEASED = {"pi05_libero": "gs://openpi-assets/checkpoints/pi05_libero"}
 LIBERO_ASSETS = "assets/physical-intelligence/libero"  # openpi's norm stats inside a checkpoint
 SHIPPED_TOKENIZER = {"pi05_small": "pi05_small/tokenizer.model", "pi05_libero_small": "pi05_small/tokenizer.model"}
+SHIPPED_CHECKPOINT = {"pi05_libero_small": "pi05_libero_small"}  # inside faster_vla.checkpoints
+RANDOM_WEIGHTS = "random"  # --actor.checkpoint random: seeded random weights, whatever the preset's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +38,8 @@ class ActorSource:
     preset: str = "pi05_small"
     """Architecture: pi05_libero (openpi's 3.3B), pi05_small (6.5M, CPU) or tiny_a."""
     checkpoint: str | None = None
-    """openpi checkpoint (folder holding params/, or gs://...). None: openpi's release for pi05_libero; random
-    weights for the small presets (no pretrained small checkpoint ships yet)."""
+    """openpi checkpoint (folder holding params/, or gs://...), or "random" (seeded random weights). None: openpi's
+    release for pi05_libero, the shipped pretrained one for pi05_libero_small, random weights otherwise."""
     tokenizer: str | None = None
     """sentencepiece model path or gs:// URL. None: the shipped one for pi05_small, else PaliGemma's (openpi cache)."""
     norm_stats: str | None = None
@@ -46,7 +50,14 @@ class ActorSource:
 
     @property
     def checkpoint_path(self) -> str | None:
-        return self.checkpoint if self.checkpoint is not None else RELEASED.get(self.preset)
+        """Where the weights come from; None for random weights."""
+        if self.checkpoint == RANDOM_WEIGHTS:
+            return None
+        if self.checkpoint is not None:
+            return self.checkpoint
+        if self.preset in SHIPPED_CHECKPOINT:
+            return str(checkpoints.path(SHIPPED_CHECKPOINT[self.preset]))
+        return RELEASED.get(self.preset)
 
     def check(self) -> None:
         """Raises a clear error for a wrong preset or a missing local file, before any weight is read."""
@@ -59,8 +70,9 @@ class ActorSource:
         for name, value in (("tokenizer", self.tokenizer), ("norm_stats", self.norm_stats)):
             if value is not None and not download.is_remote(value) and not Path(value).expanduser().exists():
                 raise FileNotFoundError(f"--actor.{name} {value} does not exist")
-        if ckpt is None and self.norm_stats is None and self.preset == "pi05_libero":
-            raise ValueError("pi05_libero needs real weights and norm stats; pass --actor.checkpoint")
+        if ckpt is None and self.preset == "pi05_libero":
+            raise ValueError("pi05_libero needs real weights (3.3B random ones are no use); pass --actor.checkpoint "
+                             "with an openpi checkpoint or leave it unset for openpi's release")
 
     def build(self, *, num_steps: int = 10, policy_seed: int = 0, trainable: bool = False,
               strict_prompts: bool = False) -> Policy:

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 
 from faster_vla import checkpoints
 from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer
-from faster_vla.actor_source import LIBERO_ASSETS, SHIPPED_TOKENIZER, ActorSource
+from faster_vla.actor_source import LIBERO_ASSETS, RANDOM_WEIGHTS, SHIPPED_TOKENIZER, ActorSource
 from faster_vla.demos import Episode, iter_episodes, read_manifest
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import _quiet_orbax, save_params
@@ -59,19 +59,19 @@ class PretrainConfig:
     """Architecture preset (same model code as pi05_libero)."""
     tokenizer: str | None = None
     """sentencepiece model; None: the shipped 512-piece LIBERO tokenizer."""
-    steps: int = 20_000
+    steps: int = 1600
     """Optimiser steps (the run may stop earlier at --time-budget-s)."""
     time_budget_s: float | None = None
     """Stop (and export) after this much training wall time, whatever the step; None: run all steps."""
     optimizer: ActorFinetuneConfig = ActorFinetuneConfig(
-        learning_rate=3e-4, weight_decay=1e-4, warmup_steps=500, decay_steps=19_500, ema_decay=0.999,
+        learning_rate=3e-4, weight_decay=1e-4, warmup_steps=100, decay_steps=1500, ema_decay=0.99,
         trainable="all", augment=True, batch_size=32)
     """Optimiser, schedule, EMA, augmentation and batch size (everything trains)."""
     seed: int = 0
     """Seeds the initial weights, the batch sampling and the trainer's RNG."""
     log_every: int = 50
     """Steps between metric records."""
-    save_every: int = 1000
+    save_every: int = 200
     """Steps between trainer checkpoints (resume points)."""
     snapshots: bool = False
     """Also export each saved step's EMA weights as a loadable checkpoint in snapshots/step_<N>, so that the
@@ -152,8 +152,9 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
     assets = run_dir / "norm_stats"
     save_norm_stats(assets, norm_stats)
     tokenizer = config.tokenizer or str(checkpoints.path(SHIPPED_TOKENIZER[config.preset]))
-    source = ActorSource(preset=config.preset, tokenizer=tokenizer, norm_stats=str(assets), seed=config.seed)
-    policy = source.build(trainable=True)  # random weights (seeded): the model is trained from scratch
+    source = ActorSource(preset=config.preset, checkpoint=RANDOM_WEIGHTS, tokenizer=tokenizer, norm_stats=str(assets),
+                         seed=config.seed)
+    policy = source.build(trainable=True)  # the model is trained from scratch
     actor: Pi05Actor = policy.actor
     trainer = ActorTrainer.create(actor.params, config.optimizer, seed=config.seed)
     sampler = np.random.default_rng(config.seed)
