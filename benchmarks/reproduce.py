@@ -163,20 +163,27 @@ def _pct(x: float) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     rows = results["methods"]
     ref = rows.get("expo")
-    lines = ["| method | final eval success | training success, first → last bin | FLOPs per run | FLOPs / EXPO "
-             "| decision latency | / EXPO | update time | / EXPO |", "|" + "---|" * 9]
+    lines = ["| method | seeds | final eval success | training success | first → last bin | acting FLOPs | / EXPO "
+             "| all FLOPs | / EXPO | decision latency | / EXPO | update time | / EXPO |", "|" + "---|" * 13]
+    nan = float("nan")
+    rt = results["timing"].get("expo", {})
+
+    def ratio(a: float, b: float | None) -> str:
+        return f"{a / b:.2f}×" if b and np.isfinite(a) and np.isfinite(b) else "–"
+
+    def ms(x: float) -> str:
+        return f"{x:.0f} ms" if np.isfinite(x) else "–"
+
     for method, row in rows.items():
         t = results["timing"].get(method, {})
-        rt = results["timing"].get("expo", {})
-        def ratio(a: float, b: float | None) -> str:
-            return f"{a / b:.2f}×" if b and np.isfinite(a) and np.isfinite(b) else "–"
-        ms = lambda x: f"{x:.0f} ms" if np.isfinite(x) else "–"  # noqa: E731
         lines.append(
-            f"| {LABELS[method]} | {_pct(row['final_mean'])} ± {_pct(row['final_std'])} | "
-            f"{_pct(row['first_bin_mean'])} → {_pct(row['last_bin_mean'])} | {row['flops_mean']:.3g} | "
-            f"{ratio(row['flops_mean'], ref['flops_mean'] if ref else None)} | {ms(t.get('act_ms', float('nan')))} | "
-            f"{ratio(t.get('act_ms', float('nan')), rt.get('act_ms'))} | {ms(t.get('update_ms', float('nan')))} | "
-            f"{ratio(t.get('update_ms', float('nan')), rt.get('update_ms'))} |")
+            f"| {LABELS[method]} | {len(row['runs'])} | {_pct(row['final_mean'])} ± {_pct(row['final_std'])} | "
+            f"{_pct(row['train_mean'])} ± {_pct(row['train_std'])} | "
+            f"{_pct(row['first_bin_mean'])} → {_pct(row['last_bin_mean'])} | {row['acting_flops_mean']:.3g} | "
+            f"{ratio(row['acting_flops_mean'], ref['acting_flops_mean'] if ref else None)} | "
+            f"{row['flops_mean']:.3g} | {ratio(row['flops_mean'], ref['flops_mean'] if ref else None)} | "
+            f"{ms(t.get('act_ms', nan))} | {ratio(t.get('act_ms', nan), rt.get('act_ms'))} | "
+            f"{ms(t.get('update_ms', nan))} | {ratio(t.get('update_ms', nan), rt.get('update_ms'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,11 +233,15 @@ def main(args: ReproduceArgs) -> dict[str, Any]:
         flops = [done[k]["counters"]["acting_flops"] + done[k]["counters"]["cache_flops"]
                  + done[k]["counters"]["update_flops"] for k in keys]
         first, last = [c["success"][0] for c in curves], [c["success"][-1] for c in curves]
+        train_rates = [done[k]["counters"]["successes"] / done[k]["counters"]["episodes"] for k in keys]
         methods[method] = {
             "runs": [str(configs[k].run_dir) for k in keys], "final_eval": finals,
             "final_mean": _mean_std(finals)[0], "final_std": _mean_std(finals)[1],
             "first_bin_mean": _mean_std(first)[0], "last_bin_mean": _mean_std(last)[0],
-            "flops_mean": float(np.mean(flops)), "counters": [done[k]["counters"] for k in keys],
+            "train_mean": _mean_std(train_rates)[0], "train_std": _mean_std(train_rates)[1],
+            "flops_mean": float(np.mean(flops)),
+            "acting_flops_mean": float(np.mean([done[k]["counters"]["acting_flops"] for k in keys])),
+            "counters": [done[k]["counters"] for k in keys],
             "curves": {k: [c[k] for c in curves] for k in ("env_steps", "success", "flops")}}
     timing: dict[str, Any] = {}
     complete = [m for m in methods if all(done[(m, t, s)] for t in tasks for s in args.seeds)]
