@@ -36,12 +36,14 @@ class ActorSource:
     """The π0.5 policy: architecture preset, weights, tokenizer and norm stats (None = the preset's default)."""
 
     preset: str = "pi05_small"
-    """Architecture: pi05_libero (openpi's 3.3B), pi05_small (6.5M, CPU) or tiny_a."""
+    """Architecture: pi05_libero (openpi's 3.3B), pi05_libero_small (the built-in pretrained 6.4M, 112² images),
+    pi05_small (6.5M, CPU) or tiny_a."""
     checkpoint: str | None = None
     """openpi checkpoint (folder holding params/, or gs://...), or "random" (seeded random weights). None: openpi's
     release for pi05_libero, the shipped pretrained one for pi05_libero_small, random weights otherwise."""
     tokenizer: str | None = None
-    """sentencepiece model path or gs:// URL. None: the shipped one for pi05_small, else PaliGemma's (openpi cache)."""
+    """sentencepiece model path or gs:// URL. None: the shipped one for the small presets, else PaliGemma's (openpi
+    cache)."""
     norm_stats: str | None = None
     """norm_stats.json or its folder. None: <checkpoint>/assets/physical-intelligence/libero when there is a
     checkpoint, else unit statistics (random weights)."""

@@ -395,6 +395,12 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     if config.env_step_budget is not None:
         total_env_steps = min(total_env_steps, config.env_step_budget)
     eval_success: float | None = None
+
+    def finished() -> bool:  # episodes done, or the env-step budget spent
+        c = run.counters
+        return c.episodes >= config.episodes or (config.env_step_budget is not None
+                                                 and c.env_steps >= config.env_step_budget)
+
     # `resume` is how this process starts, not part of the run: the stored config never carries it.
     with RunLogger(config.run_dir, dataclasses.replace(config, resume=False), resume=config.resume, wandb_mode=config.wandb_mode,
                    total_env_steps=total_env_steps, progress=config.progress) as logger:
@@ -403,11 +409,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         env = LiberoEnv(config.env)
         try:
             key = jax.random.key(config.seed)
-            def finished() -> bool:
-                c = run.counters
-                return c.episodes >= config.episodes or (config.env_step_budget is not None
-                                                         and c.env_steps >= config.env_step_budget)
-
             while not finished():
                 start = time.perf_counter()
                 episode = run.counters.episodes
