@@ -1,12 +1,12 @@
-"""`faster-vla demo`: the built-in default job, runnable on any CPU in about a minute.
+"""`faster-vla demo`: a one-minute look at the pipeline on any CPU, with no LIBERO install.
 
 It builds the project's small π0.5 (`pi05_small`: the same code as the 3.3B pi05_libero, smaller sizes),
 writes it as an openpi checkpoint and loads it back through `load_openpi`, runs openpi's LIBERO policy
 pipeline on a LIBERO-shaped observation, and prints the action chunk with the time of every part. It then
 shows the seam FASTER uses: one prefix encode shared by N denoising candidates.
 
-The weights are random until the pretrained small checkpoint ships (checkpoints/README.md), so the actions
-exercise the pipeline and its timing, not a skill.
+The weights are random, so the actions exercise the pipeline and its timing, not a skill. The built-in
+pretrained model is `checkpoints/pi05_libero_small`, which `faster-vla train cpu_small_faster_expo` fine-tunes.
 """
 
 from __future__ import annotations
