@@ -14,7 +14,8 @@ update on each run's own replay) are timed side by side, alternated, and the rep
     .venv/bin/python benchmarks/reproduce.py                                  # the documented run
     .venv/bin/python benchmarks/reproduce.py --seeds 0 --env-step-budget 300  # a quick look
 
-The curve is the success of the training episodes themselves (greedy seed choice; EXPO's edit step samples),
+The curve is the success of the training episodes themselves (greedy choice among the N; the edit step of both
+EXPO and FASTER-EXPO samples),
 binned by env steps: every env step of the budget counts, none is spent on separate evaluation. The final
 eval is each run's greedy evaluation on the task's first `--eval-episodes` init states after its last update.
 """
@@ -38,6 +39,7 @@ from bench_common import cpu_model, write_result
 from faster_vla.finetune import Run, TrainConfig, train
 from faster_vla.launch.train import TRAIN_CONFIGS
 from faster_vla.libero_env import LiberoEnv
+from faster_vla.run_checkpoint import RunCheckpointer
 from faster_vla.run_log import atomic_write, figure_png, read_metrics
 from faster_vla.selection import SelectionConfig
 
@@ -92,7 +94,7 @@ def ensure_run(config: TrainConfig, *, report_only: bool) -> dict[str, Any] | No
         return json.loads(done.read_text())
     if report_only:
         return None
-    resume = (config.run_dir / "checkpoints").is_dir() and any((config.run_dir / "checkpoints").iterdir())
+    resume = RunCheckpointer(config.run_dir / "checkpoints").latest_episode is not None
     print(f"{'resuming' if resume else 'running'} {config.run_dir}", flush=True)
     start = time.perf_counter()
     result = train(dataclasses.replace(config, resume=resume), log=lambda *_: None)
