@@ -20,7 +20,7 @@ from faster_vla.selection import SelectionConfig
 
 _PI05_LIBERO = TrainConfig(actor=ActorSource("pi05_libero"))
 # The built-in small π0.5 (checkpoints/pi05_libero_small, pretrained on scripted demonstrations) on the
-# task it is most imperfect at, libero_90 task 20 "turn on the stove" (base success ≈27 %, MODEL_CARD.md),
+# task where its base success is mid-band, libero_90 task 20 "turn on the stove" (60 %, MODEL_CARD.md),
 # with small critics: every part of a real run, on a 2-core CPU. Images at the model's 112² input; episodes
 # cut at 200 steps (the expert needs ~100); windows start at chunk boundaries (observations rendered only
 # there). N = 8 as in the paper's VLA setting.
