@@ -57,6 +57,15 @@ class CriticConfig:
     """Width of the proprio state embedding."""
     edit_scale: float = 0.2
     """EXPO's β: the edit's bound around the base chunk (normalised units); 0.2 for the VLA."""
+    edit_init_temperature: float = 1.0
+    """EXPO's initial entropy temperature α of the edit policy (1.0). α falls by about the learning rate per
+    update, so over a short run (≈100 updates) the edits stay near-uniform exploration; a smaller value lets
+    the critic steer them from the start."""
+
+    def __post_init__(self) -> None:
+        if not self.edit_init_temperature > 0:
+            raise ValueError(f"edit_init_temperature must be > 0 (α is learned in log space), got "
+                             f"{self.edit_init_temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +167,7 @@ def learner_config(config: TrainConfig, actor_config: Any) -> LearnerConfig:
         selection=config.selection,
         gamma=config.gamma, tau=config.tau, utd=config.utd, batch_size=config.batch_size,
         critic_lr=config.learning_rate, policy_lr=config.learning_rate, temperature_lr=config.learning_rate,
+        init_temperature=c.edit_init_temperature,
     )
 
 
