@@ -58,9 +58,9 @@ class CriticConfig:
     edit_scale: float = 0.2
     """EXPO's β: the edit's bound around the base chunk (normalised units); 0.2 for the VLA."""
     edit_init_temperature: float = 1.0
-    """EXPO's initial entropy temperature α of the edit policy (1.0). α falls by about the learning rate per
-    update, so over a short run (≈100 updates) the edits stay near-uniform exploration; a smaller value lets
-    the critic steer them from the start."""
+    """EXPO's initial entropy temperature α of the edit policy (1.0). log α moves by about the learning rate
+    per update, so over a short run (≈100 updates) α stays near it and the edits stay near-uniform
+    exploration; a smaller value lets the critic steer them from the start (docs/reproduction.md)."""
 
     def __post_init__(self) -> None:
         if not self.edit_init_temperature > 0:
