@@ -73,12 +73,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from faster_vla import chunked_td
-from faster_vla.run_log import atomic_write
+from faster_vla.run_log import NPZ_META_KEY, atomic_write, read_npz_meta
 
 FORMAT = "faster_vla.replay"
 FORMAT_VERSION = 1
 
-_META_KEY = "__meta__"
 _STEP_FIELDS = ("action", "reward", "terminal")
 
 
@@ -603,31 +602,13 @@ class ReplayBuffer:
         path = Path(path)
         meta = np.frombuffer(json.dumps(self._meta()).encode("utf-8"), np.uint8)
         arrays = {k: v[: self._high_water] for k, v in self._arrays().items()}
-        atomic_write(path, lambda f: np.savez(f, **{_META_KEY: meta}, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **{NPZ_META_KEY: meta}, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:
         """Restores a buffer written by `save`, exactly; ReplayFormatError for other files or versions."""
-        path = Path(path)
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ReplayFormatError(f"{path}: not a faster_vla replay file ({exc})") from exc
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ReplayFormatError(f"{path}: not a faster_vla replay file (a bare array, not an .npz archive)")
+        data, meta = read_npz_meta(path, fmt=FORMAT, version=FORMAT_VERSION, what="replay", error=ReplayFormatError)
         with data:
-            if _META_KEY not in data.files:
-                raise ReplayFormatError(f"{path}: not a faster_vla replay file (no {_META_KEY} entry)")
-            try:
-                meta = json.loads(bytes(data[_META_KEY]).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ReplayFormatError(f"{path}: unreadable replay metadata ({exc})") from exc
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ReplayFormatError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}"
-                                        f" is not {FORMAT!r}")
-            if meta.get("version") != FORMAT_VERSION:
-                raise ReplayFormatError(f"{path}: replay format version {meta.get('version')!r}; this faster_vla "
-                                        f"reads version {FORMAT_VERSION} only (re-collect or convert the replay)")
             spec = meta["cache_spec"]
             buf = cls(meta["capacity"], observation_keys=meta["observation_keys"],
                       cache_spec=None if spec is None else FrozenActorCacheSpec(**spec))
