@@ -32,7 +32,7 @@ import numpy as np
 
 from faster_vla.actor_source import LIBERO_ASSETS, ActorSource
 from faster_vla.agent import Agent
-from faster_vla.finetune import TrainConfig, learner_config, load_run
+from faster_vla.finetune import TrainConfig, learner_config, load_run, load_trained_actor
 from faster_vla.learner import Learner
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import restore_params, save_params
@@ -68,6 +68,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: Literal["
     config, learner, episode = load_run(Path(run_dir), checkpoint)
     eval_success = _eval_success(Path(run_dir), episode)
     policy = config.actor.build(num_steps=config.num_steps)
+    load_trained_actor(Path(run_dir), config, episode, policy)  # a success_bc run exports its tuned actor
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         shutil.rmtree(tmp)  # save_params creates the folder itself and refuses an existing one

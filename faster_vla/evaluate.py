@@ -22,7 +22,7 @@ import numpy as np
 from faster_vla.actor_source import ActorSource
 from faster_vla.agent import Agent
 from faster_vla.bundle import TunedPolicy, load_policy
-from faster_vla.finetune import CriticConfig, TrainConfig, learner_config, load_run
+from faster_vla.finetune import CriticConfig, TrainConfig, learner_config, load_run, load_trained_actor
 from faster_vla.learner import Learner
 from faster_vla.libero_env import LiberoEnvConfig, check_libero_installed, resolve_task
 from faster_vla.rollout import check_num_workers, num_init_states, open_envs, run_episodes
@@ -124,7 +124,9 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
         what = f"base policy {config.actor.preset}"
     if config.bundle is None:
         policy = source.build(policy_seed=config.seed)
-        if config.run_dir is None:
+        if config.run_dir is not None:
+            load_trained_actor(config.run_dir, train_config, episode, policy)  # its tuned actor, if it trained one
+        else:
             # The base rule calls no critic: the smallest ones (building the default ~20M-parameter critics
             # took ~1 min on CPU for nothing).
             unused = CriticConfig(hidden_dims=(8,), num_members=2, feature_proj_dim=8, state_embed_dim=8)

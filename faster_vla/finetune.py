@@ -6,8 +6,13 @@ with the frozen-actor cache of every state a window can start or bootstrap at; r
 suite's init states; log, plot and checkpoint. Counters: env steps, episodes, successes, and FLOPs split into
 acting, caching and updates (cumulative: the paper's Fig. 7 x-axis).
 
+With `actor_update="success_bc"` (EXPO's π0.5 recipe) the action expert also learns: every successful
+training episode's (observation, executed chunk) pairs go to a `SuccessBuffer`, and after the learner's
+updates the actor takes flow-loss steps on them and acts with their EMA. Replay rows keep the chunks the
+actor produced when they were stored (their prefix features stay exact: the VLM is frozen).
+
 Everything a resume needs is in the run checkpoint (learner, replay with its cache, sampling RNG,
-counters); per-episode randomness (init state, noises) derives from (seed, episode), so a resumed run
+counters, and the actor trainer with its success buffer when the actor trains); per-episode randomness (init state, noises) derives from (seed, episode), so a resumed run
 continues exactly as an uninterrupted one would from that checkpoint.
 """
 
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer
 from faster_vla.actor_source import ActorSource
 from faster_vla.agent import Agent, critic_inputs
 from faster_vla.critics.edit_policy import EditPolicyConfig
@@ -37,10 +43,12 @@ from faster_vla.policies import flops as actor_flops
 from faster_vla.policies.config import get_preset
 from faster_vla.replay import ChunkBatch, FrozenActorCacheSpec, ReplayBuffer
 from faster_vla.rollout import check_num_workers, run_episodes
-from faster_vla.run_checkpoint import RunCheckpointer
+from faster_vla.policies.policy import Policy
+from faster_vla.run_checkpoint import RunCheckpointer, RunCheckpointError
 from faster_vla.run_log import RunLogger, ensure_writable_dir, from_jsonable
 from faster_vla.schedule import UpdateSchedule
 from faster_vla.selection import SelectionConfig
+from faster_vla.success_buffer import SuccessBuffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +126,17 @@ class TrainConfig:
     dominates a step). Started at the first evaluation and kept until the run ends."""
     checkpoint_every: int = 5
     """Save a run checkpoint every this many episodes (and after each evaluation and at the end)."""
+    actor_update: Literal["frozen", "success_bc"] = "frozen"
+    """What happens to the actor: frozen (the FASTER-EXPO default: replay caches what the actor computes), or
+    success_bc (EXPO's π0.5 recipe): after each episode's learner updates, the action expert also takes
+    flow-loss steps on the chunks of the successful training episodes (VLM frozen) and the actor acts with
+    their EMA. Replay rows keep the chunks the actor produced when they were stored (docs/finetune.md)."""
+    actor_optimizer: ActorFinetuneConfig = ActorFinetuneConfig()
+    """The action expert's optimiser, EMA, augmentation, batch size and flow-loss steps per learner update
+    (with --actor-update success_bc)."""
+    success_capacity: int = 2000
+    """Chunks of successful episodes kept for the actor's flow loss (oldest episodes dropped first); each holds
+    its two camera images, so this bounds memory and checkpoint size."""
     keep_last: int = 3
     """Checkpoints kept by recency."""
     keep_best: int = 1
@@ -133,7 +152,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("episodes", "updates_per_episode", "utd", "batch_size", "num_steps", "replay_capacity",
-                     "cache_batch", "checkpoint_every", "keep_last", "eval_episodes"):
+                     "cache_batch", "checkpoint_every", "keep_last", "eval_episodes", "success_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_num_workers(self.eval_num_workers, "eval_num_workers")
@@ -149,6 +168,16 @@ class TrainConfig:
                              "--window-starts chunk)")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.actor_update not in ("frozen", "success_bc"):
+            raise ValueError(f"actor_update must be 'frozen' or 'success_bc', got {self.actor_update!r}")
+        if self.actor_update == "success_bc":
+            if self.actor_optimizer.trainable != "action_expert":
+                raise ValueError("--actor-update success_bc trains the action expert only: replay caches the "
+                                 "frozen VLM's prefix features, which training the VLM would make stale; set "
+                                 "--actor-optimizer.trainable action_expert")
+            if self.env.render_mode == "none":
+                raise ValueError("--actor-update success_bc trains on the camera images of successful episodes: "
+                                 "set --env.render-mode chunk_boundary (or every_step)")
 
 
 def learner_config(config: TrainConfig, actor_config: Any) -> LearnerConfig:
@@ -210,11 +239,13 @@ class Counters:
     acting_flops: float = 0.0
     cache_flops: float = 0.0
     update_flops: float = 0.0
+    actor_updates: int = 0  # the actor's flow-loss steps (--actor-update success_bc)
+    actor_update_flops: float = 0.0
     wall_s: float = 0.0
 
     @property
     def flops(self) -> float:
-        return self.acting_flops + self.cache_flops + self.update_flops
+        return self.acting_flops + self.cache_flops + self.update_flops + self.actor_update_flops
 
 
 class Run:
@@ -228,8 +259,15 @@ class Run:
         resolve_task(config.env.suite, config.env.task)
         config.env.episode_max_steps()
         config.actor.check()
-        self.policy = config.actor.build(num_steps=config.num_steps, policy_seed=config.seed)
+        train_actor = config.actor_update == "success_bc"
+        self.policy = config.actor.build(num_steps=config.num_steps, policy_seed=config.seed, trainable=train_actor)
         actor_config = self.policy.actor.config
+        # The trained actor and what it learns from (None: the actor stays frozen).
+        self.actor_trainer: ActorTrainer | None = None
+        self.successes: SuccessBuffer | None = None
+        if train_actor:
+            self.actor_trainer = ActorTrainer.create(self.policy.actor.params, config.actor_optimizer, seed=config.seed)
+            self.successes = SuccessBuffer(config.success_capacity)
         self.learner_config = learner_config(config, actor_config)
         self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed)
         self.horizon = actor_config.action_horizon
@@ -249,6 +287,11 @@ class Run:
         self._cache_row_flops = float(actor_flops.prefix_flops(actor_config) + config.selection.num_candidates
                                       * config.num_steps * actor_flops.denoise_flops(actor_config, num_candidates=1,
                                                                                      num_steps=1))
+        # One flow-loss step (analytic, as acting's actor FLOPs): the prefix forward per example, and the
+        # suffix (one velocity evaluation over the chunk) forward plus backward, ≈ 3× its forward.
+        self._actor_step_flops = float(config.actor_optimizer.batch_size * (
+            actor_flops.prefix_flops(actor_config)
+            + 3 * actor_flops.denoise_flops(actor_config, num_candidates=1, num_steps=1)))
 
     # -- one episode -----------------------------------------------------------------------------------------
 
@@ -259,6 +302,7 @@ class Run:
         boundary_obs = [obs]  # observations at chunk boundaries (and the final one)
         step_obs: list[dict] = [obs]  # one per step when rendering every step
         actions, rewards = [], []
+        chunks: list[np.ndarray] = []  # executed chunks [H, 7], robot units (the actor's flow-loss targets)
         done = truncated = False
         timing: dict[str, float] = {}
         acting_flops = 0.0
@@ -266,6 +310,7 @@ class Run:
             key, sub = jax.random.split(key)
             decision = self.agent.act(self.learner, obs, selection=selection, rng=sub)
             result = env.step_chunk(decision.actions)
+            chunks.append(decision.actions)
             n = result.num_steps
             actions.append(decision.normalized[:n])
             rewards.append(result.rewards)
@@ -285,6 +330,8 @@ class Run:
         summary = {"success": bool(done), "steps": int(len(rewards_arr)), "return": float(rewards_arr.sum()),
                    "acting_flops": acting_flops, "timing_ms": timing}
         summary["cache_flops"] = 0.0
+        if train and done and self.successes is not None:
+            self.successes.add_episode(boundary_obs[:-1], np.stack(chunks))
         if train and self.config.selection.rule != "base":  # nothing the base rule uses is learned
             summary["cache_flops"] = self._store(step_obs if self.stride == 1 else boundary_obs, actions_arr,
                                                  rewards_arr, done, key)
@@ -337,6 +384,30 @@ class Run:
         self.counters.update_flops += self._update_flops
         return info
 
+    def update_actor(self, updates: int) -> list[dict[str, float]]:
+        """`updates` × steps_per_update flow-loss steps of the action expert on successful chunks, then the
+        actor acts with the result (its EMA); nothing before the first success. Raises NonFiniteLossError."""
+        if self.actor_trainer is None or self.successes is None or len(self.successes) == 0:
+            return []
+        cfg = self.config.actor_optimizer
+        trainer, infos = self.actor_trainer, []
+        for _ in range(updates * cfg.steps_per_update):
+            observation, actions = self.policy.to_training_batch(self.successes.sample(self.sample_rng,
+                                                                                       cfg.batch_size))
+            trainer, info = trainer.update(self.policy.actor, observation, actions)
+            infos.append(info)
+        infos = [{k: float(v) for k, v in i.items()} for i in infos]
+        bad = sorted({k for i in infos for k, v in i.items() if not math.isfinite(v)})
+        if bad:
+            raise NonFiniteLossError(f"actor update {self.counters.actor_updates + 1} produced non-finite {bad}: the "
+                                     f"run stops; its last good checkpoint is in {self.checkpointer.directory}. "
+                                     "Lower --actor-optimizer.learning-rate.")
+        self.actor_trainer = trainer
+        self.policy.actor.params = trainer.acting_params  # the agent, evaluation and caching act with it
+        self.counters.actor_updates += len(infos)
+        self.counters.actor_update_flops += self._actor_step_flops * len(infos)
+        return infos
+
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, env: LiberoEnv) -> float:
@@ -360,7 +431,8 @@ class Run:
 
     def save(self, eval_success: float | None) -> None:
         self.checkpointer.save(self.counters.episodes, self.learner, self.replay, self.sample_rng,
-                               dataclasses.asdict(self.counters), eval_success=eval_success)
+                               dataclasses.asdict(self.counters), eval_success=eval_success,
+                               actor=self.actor_trainer, successes=self.successes)
 
     def restore(self) -> bool:
         """Loads the latest checkpoint into this run; False when there is none."""
@@ -371,6 +443,10 @@ class Run:
         self.sample_rng = np.random.default_rng()
         self.sample_rng.bit_generator.state = restored.rng_state
         self.counters = Counters(**restored.counters)
+        actor = self.checkpointer.restore_actor(restored.episode, self.actor_trainer)
+        if actor is not None:
+            self.actor_trainer, self.successes = actor
+            self.policy.actor.params = self.actor_trainer.acting_params
         return True
 
 
@@ -389,6 +465,20 @@ def load_run(run_dir: Path, which: Literal["best", "latest"] = "best") -> tuple[
     lconfig = learner_config(config, get_preset(config.actor.preset))
     template = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=config.seed)
     return config, checkpointer.restore(episode, template).learner, episode
+
+
+def load_trained_actor(run_dir: Path, config: TrainConfig, episode: int, policy: Policy) -> bool:
+    """Puts the acting params (EMA) of a `--actor-update success_bc` run's checkpoint into `policy`, built
+    from the run's `config.actor`; False, leaving it untouched, for a frozen-actor run."""
+    if config.actor_update == "frozen":
+        return False
+    template = ActorTrainer.create(policy.actor.params, config.actor_optimizer, seed=config.seed)
+    checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", keep_last=config.keep_last, keep_best=config.keep_best)
+    restored = checkpointer.restore_actor(episode, template, successes=False)
+    if restored is None:
+        raise RunCheckpointError(f"{run_dir}: the run trains its actor but checkpoint {episode} holds none")
+    policy.actor.params = restored[0].acting_params
+    return True
 
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -438,6 +528,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 if config.selection.rule != "base" and run.replay.num_windows(run.horizon, run.stride) > 0:
                     infos = [run.update() for _ in range(due)]  # each ends on a host sync (float(info))
                 update_ms = (time.perf_counter() - update_start) * 1e3 / max(len(infos), 1)
+                actor_start = time.perf_counter()
+                actor_infos = run.update_actor(due)  # nothing unless the actor trains and something succeeded
+                actor_ms = (time.perf_counter() - actor_start) * 1e3 / max(len(actor_infos), 1)
                 c.wall_s += time.perf_counter() - start
                 metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
                            "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
@@ -448,6 +541,12 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 if infos:
                     metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
                     metrics["time_ms/update"] = update_ms  # mean wall time of one update (first ones compile)
+                if run.successes is not None:
+                    metrics.update({"actor/updates": c.actor_updates, "actor/success_chunks": len(run.successes),
+                                    "flops/actor_update": c.actor_update_flops})
+                if actor_infos:
+                    metrics.update({f"actor/{k}": float(np.mean([i[k] for i in actor_infos])) for k in actor_infos[0]})
+                    metrics["time_ms/actor_update"] = actor_ms  # mean wall time of one flow-loss step
                 evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or finished()
                 if evaluate:
                     eval_success = run.evaluate(env)

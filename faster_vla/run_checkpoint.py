@@ -6,6 +6,9 @@ items:
 - `learner/`: the whole `Learner` pytree (critics, targets, edit policy, α, every optimiser state, the JAX
   rng key, the update step), orbax's standard PyTree format;
 - `replay/replay.npz`: the replay buffer, through its own exact `ReplayBuffer.save`;
+- `actor/` and `successes/successes.npz` (runs that train the actor, `--actor-update success_bc`): the
+  `ActorTrainer` pytree (params, EMA, optimiser state) and the success buffer it samples, restored by
+  `restore_actor`;
 - `state/`: JSON with the counters (env steps, episodes, successes, FLOPs, wall time... whatever the caller
   counts), the numpy RNG state(s), the eval success, and what the learner looked like (its config and
   every leaf's shape and dtype), so that a restore into a different learner fails before reading any
@@ -30,7 +33,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,10 +41,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from faster_vla.actor_finetune import ActorTrainer
 from faster_vla.learner import Learner
 from faster_vla.policies.checkpoint import CheckpointMismatchError, _quiet_orbax, compare_shapes
 from faster_vla.replay import ReplayBuffer
 from faster_vla.run_log import ensure_writable_dir, json_diff, to_jsonable
+from faster_vla.success_buffer import SuccessBuffer
 
 FORMAT = "faster_vla.run_checkpoint"
 FORMAT_VERSION = 1
@@ -49,7 +54,10 @@ FORMAT_VERSION = 1
 LEARNER_ITEM = "learner"
 REPLAY_ITEM = "replay"
 STATE_ITEM = "state"
+ACTOR_ITEM = "actor"
+SUCCESS_ITEM = "successes"
 REPLAY_FILE = "replay.npz"
+SUCCESS_FILE = "successes.npz"
 EVAL_METRIC = "eval_success"
 
 
@@ -67,32 +75,37 @@ class RestoredRun(NamedTuple):
     episode: int
 
 
-# -- the replay as an orbax item ----------------------------------------------------------------------------
+# -- buffers as orbax items ----------------------------------------------------------------------------------
 
 
-class ReplayCheckpointHandler(ocp.CheckpointHandler):
-    """Saves a ReplayBuffer into the item folder orbax hands out (inside the step's temporary folder), so the
-    replay is committed by the same rename as the rest of the checkpoint."""
+class FileItemHandler(ocp.CheckpointHandler):
+    """Saves a buffer with its own exact, atomic `save(path)` (the replay, the success buffer) as one file in
+    the item folder orbax hands out (inside the step's temporary folder), so it is committed by the same
+    rename as the rest of the checkpoint; restores it with the `load` the restore args name."""
 
-    def save(self, directory: Any, args: ReplaySave) -> None:
+    def save(self, directory: Any, args: FileSave) -> None:
         path = Path(os.fspath(directory))
         path.mkdir(parents=True, exist_ok=True)
-        args.replay.save(path / REPLAY_FILE)
+        args.item.save(path / args.filename)
 
-    def restore(self, directory: Any, args: ReplayRestore | None = None) -> ReplayBuffer:
-        return ReplayBuffer.load(Path(os.fspath(directory)) / REPLAY_FILE)
+    def restore(self, directory: Any, args: FileRestore | None = None) -> Any:
+        if args is None:
+            raise ValueError("restoring a file item needs FileRestore(load, filename)")
+        return args.load(Path(os.fspath(directory)) / args.filename)
 
 
-@ocp.args.register_with_handler(ReplayCheckpointHandler, for_save=True)
+@ocp.args.register_with_handler(FileItemHandler, for_save=True)
 @dataclasses.dataclass
-class ReplaySave(ocp.args.CheckpointArgs):
-    replay: ReplayBuffer
+class FileSave(ocp.args.CheckpointArgs):
+    item: ReplayBuffer | SuccessBuffer
+    filename: str
 
 
-@ocp.args.register_with_handler(ReplayCheckpointHandler, for_restore=True)
+@ocp.args.register_with_handler(FileItemHandler, for_restore=True)
 @dataclasses.dataclass
-class ReplayRestore(ocp.args.CheckpointArgs):
-    pass
+class FileRestore(ocp.args.CheckpointArgs):
+    load: Callable[[Path], Any]
+    filename: str
 
 
 # -- retention ----------------------------------------------------------------------------------------------
@@ -154,8 +167,9 @@ class RunCheckpointer:
             preservation_policy=_KeepLatestAndBest(keep_last, keep_best),
             create=True,
         )
-        handlers = {LEARNER_ITEM: ocp.StandardCheckpointHandler(), REPLAY_ITEM: ReplayCheckpointHandler(),
-                    STATE_ITEM: ocp.JsonCheckpointHandler()}
+        handlers = {LEARNER_ITEM: ocp.StandardCheckpointHandler(), REPLAY_ITEM: FileItemHandler(),
+                    STATE_ITEM: ocp.JsonCheckpointHandler(), ACTOR_ITEM: ocp.StandardCheckpointHandler(),
+                    SUCCESS_ITEM: FileItemHandler()}
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -199,13 +213,17 @@ class RunCheckpointer:
         rng_state: np.random.Generator | Mapping[str, Any],
         counters: Mapping[str, Any],
         eval_success: float | None = None,
+        *,
+        actor: ActorTrainer | None = None,
+        successes: SuccessBuffer | None = None,
     ) -> Path:
         """Writes the checkpoint of `episode` (episodes completed; must exceed the latest saved) and applies
         retention; returns its folder once it is final.
 
         rng_state: a numpy Generator (its bit_generator state is saved) or any JSON mapping of such states,
         e.g. {"env": ..., "replay": ...}. counters: a JSON mapping (numbers, strings, lists, dicts; numpy
-        scalars are converted), restored exactly. eval_success: ranks the checkpoint for keep-best."""
+        scalars are converted), restored exactly. eval_success: ranks the checkpoint for keep-best.
+        actor, successes: the trained actor and its success buffer (both or neither)."""
         episode = int(episode)
         if episode < 0:
             raise ValueError(f"episode must be >= 0, got {episode}")
@@ -219,6 +237,8 @@ class RunCheckpointer:
             raise TypeError(f"learner must be a faster_vla.learner.Learner, got {type(learner).__name__}")
         if not isinstance(replay, ReplayBuffer):
             raise TypeError(f"replay must be a faster_vla.replay.ReplayBuffer, got {type(replay).__name__}")
+        if (actor is None) != (successes is None):
+            raise ValueError("save the trained actor and its success buffer together (both or neither)")
         state = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -228,12 +248,14 @@ class RunCheckpointer:
             EVAL_METRIC: None if eval_success is None else float(eval_success),
             "learner_config": to_jsonable(learner.config, strict=False),
             "learner_leaves": _leaf_specs(learner),
+            "actor_trained": actor is not None,
         }
         json.dumps(state)  # fail here, before orbax creates anything, on a non-JSON value
         args = ocp.args.Composite(**{
             LEARNER_ITEM: ocp.args.StandardSave(learner),
-            REPLAY_ITEM: ReplaySave(replay),
+            REPLAY_ITEM: FileSave(replay, REPLAY_FILE),
             STATE_ITEM: ocp.args.JsonSave(state),
+            **({} if actor is None else {ACTOR_ITEM: ocp.args.StandardSave(actor), SUCCESS_ITEM: FileSave(successes, SUCCESS_FILE)}),
         })
         metrics = {} if eval_success is None else {EVAL_METRIC: float(eval_success)}
         with _quiet_orbax():
@@ -271,8 +293,33 @@ class RunCheckpointer:
                                      f"faster_vla reads version {FORMAT_VERSION} only")
         _check_template(state, learner_template, where, allow_config_change)
         items = self._restore_items(episode, {LEARNER_ITEM: ocp.args.StandardRestore(learner_template),
-                                              REPLAY_ITEM: ReplayRestore()})
+                                              REPLAY_ITEM: FileRestore(ReplayBuffer.load, REPLAY_FILE)})
         return RestoredRun(items[LEARNER_ITEM], items[REPLAY_ITEM], state["rng_state"], state["counters"], episode)
+
+    def restore_actor(self, episode: int, trainer_template: ActorTrainer | None, *, successes: bool = True
+                      ) -> tuple[ActorTrainer, SuccessBuffer | None] | None:
+        """The trained actor and success buffer of a checkpoint (None for a frozen-actor run's checkpoint).
+
+        `trainer_template` (e.g. a fresh `ActorTrainer.create(...)` for the run's actor and optimiser) gives
+        the structure; None says the caller's run keeps the actor frozen. A checkpoint and a run that disagree
+        on whether the actor trains raise RunCheckpointError, since resuming across that would silently
+        restart or drop the actor's training. `successes=False` skips reading the buffer (export, eval)."""
+        state = self._restore_items(int(episode), {STATE_ITEM: ocp.args.JsonRestore()})[STATE_ITEM]
+        trained = bool(state.get("actor_trained", False))
+        where = str(self.path(episode))
+        if trained and trainer_template is None:
+            raise RunCheckpointError(f"{where} holds a trained actor (--actor-update success_bc) but this run keeps "
+                                     "the actor frozen; resume with the run's own config")
+        if not trained and trainer_template is not None:
+            raise RunCheckpointError(f"{where} is from a frozen-actor run; it has no actor to resume training "
+                                     "(start a new run for --actor-update success_bc)")
+        if not trained:
+            return None
+        args = {ACTOR_ITEM: ocp.args.StandardRestore(trainer_template)}
+        if successes:
+            args[SUCCESS_ITEM] = FileRestore(SuccessBuffer.load, SUCCESS_FILE)
+        items = self._restore_items(int(episode), args)
+        return items[ACTOR_ITEM], items[SUCCESS_ITEM] if successes else None
 
     def _restore_items(self, episode: int, args: dict[str, Any]) -> Any:
         try:
