@@ -11,9 +11,10 @@ training episode's (observation, executed chunk) pairs go to a `SuccessBuffer`, 
 updates the actor takes flow-loss steps on them and acts with their EMA. Replay rows keep the chunks the
 actor produced when they were stored (their prefix features stay exact: the VLM is frozen).
 
-Everything a resume needs is in the run checkpoint (learner, replay with its cache, sampling RNG,
-counters, and the actor trainer with its success buffer when the actor trains); per-episode randomness (init state, noises) derives from (seed, episode), so a resumed run
-continues exactly as an uninterrupted one would from that checkpoint.
+Everything a resume needs is in the run checkpoint (learner, replay with its cache, sampling RNG, counters,
+and the actor trainer with its success buffer when the actor trains); per-episode randomness (init state,
+noises) derives from (seed, episode), so a resumed run continues exactly as an uninterrupted one would from
+that checkpoint.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from faster_vla.learner import Learner, LearnerConfig
 from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, make_libero_pool, resolve_task
 from faster_vla.policies import flops as actor_flops
 from faster_vla.policies.config import get_preset
+from faster_vla.policies.policy import Policy
 from faster_vla.replay import ChunkBatch, FrozenActorCacheSpec, ReplayBuffer
 from faster_vla.rollout import check_num_workers, run_episodes
-from faster_vla.policies.policy import Policy
 from faster_vla.run_checkpoint import RunCheckpointer, RunCheckpointError
 from faster_vla.run_log import RunLogger, ensure_writable_dir, from_jsonable
 from faster_vla.schedule import UpdateSchedule
@@ -473,7 +474,8 @@ def load_trained_actor(run_dir: Path, config: TrainConfig, episode: int, policy:
     if config.actor_update == "frozen":
         return False
     template = ActorTrainer.create(policy.actor.params, config.actor_optimizer, seed=config.seed)
-    checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", keep_last=config.keep_last, keep_best=config.keep_best)
+    checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", keep_last=config.keep_last,
+                                   keep_best=config.keep_best)
     restored = checkpointer.restore_actor(episode, template, successes=False)
     if restored is None:
         raise RunCheckpointError(f"{run_dir}: the run trains its actor but checkpoint {episode} holds none")

@@ -255,7 +255,8 @@ class RunCheckpointer:
             LEARNER_ITEM: ocp.args.StandardSave(learner),
             REPLAY_ITEM: FileSave(replay, REPLAY_FILE),
             STATE_ITEM: ocp.args.JsonSave(state),
-            **({} if actor is None else {ACTOR_ITEM: ocp.args.StandardSave(actor), SUCCESS_ITEM: FileSave(successes, SUCCESS_FILE)}),
+            **({} if actor is None else {ACTOR_ITEM: ocp.args.StandardSave(actor),
+                                         SUCCESS_ITEM: FileSave(successes, SUCCESS_FILE)}),
         })
         metrics = {} if eval_success is None else {EVAL_METRIC: float(eval_success)}
         with _quiet_orbax():
