@@ -45,7 +45,7 @@ from faster_vla.policies.config import get_preset
 from faster_vla.policies.policy import Policy
 from faster_vla.replay import ChunkBatch, FrozenActorCacheSpec, ReplayBuffer
 from faster_vla.rollout import check_num_workers, run_episodes
-from faster_vla.run_checkpoint import RunCheckpointer, RunCheckpointError
+from faster_vla.run_checkpoint import RunCheckpointer
 from faster_vla.run_log import RunLogger, ensure_writable_dir, from_jsonable
 from faster_vla.schedule import UpdateSchedule
 from faster_vla.selection import SelectionConfig
@@ -476,10 +476,9 @@ def load_trained_actor(run_dir: Path, config: TrainConfig, episode: int, policy:
     template = ActorTrainer.create(policy.actor.params, config.actor_optimizer, seed=config.seed)
     checkpointer = RunCheckpointer(Path(run_dir) / "checkpoints", keep_last=config.keep_last,
                                    keep_best=config.keep_best)
-    restored = checkpointer.restore_actor(episode, template, successes=False)
-    if restored is None:
-        raise RunCheckpointError(f"{run_dir}: the run trains its actor but checkpoint {episode} holds none")
-    policy.actor.params = restored[0].acting_params
+    # A checkpoint without an actor raises here (RunCheckpointError), since the template asks for one.
+    trainer, _ = checkpointer.restore_actor(episode, template, successes=False)
+    policy.actor.params = trainer.acting_params
     return True
 
 
