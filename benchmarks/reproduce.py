@@ -69,6 +69,10 @@ class ReproduceArgs:
     """N: candidates EXPO denoises, seeds FASTER scores (the paper's VLA setting: 8)."""
     eval_episodes: int = 10
     """Greedy evaluation episodes at the end of each run (init states 0..n-1)."""
+    updates_per_episode: int | None = None
+    """Learner updates after each episode; None: the base config's."""
+    edit_init_temperature: float | None = None
+    """EXPO's initial α of the edit step; None: the base config's."""
     bins: int = 8
     """Env-step bins of the success curve."""
     timing_rounds: int = 20
@@ -79,6 +83,11 @@ class ReproduceArgs:
 
 def run_config(args: ReproduceArgs, method: str, task: int, seed: int) -> TrainConfig:
     base = TRAIN_CONFIGS[args.base_config][1]
+    if args.updates_per_episode is not None:
+        base = dataclasses.replace(base, updates_per_episode=args.updates_per_episode)
+    if args.edit_init_temperature is not None:
+        base = dataclasses.replace(base, critics=dataclasses.replace(
+            base.critics, edit_init_temperature=args.edit_init_temperature))
     n = 1 if method == "base" else args.num_candidates
     return dataclasses.replace(
         base, run_dir=args.out / "runs" / f"{method}_task{task}_seed{seed}", seed=seed,
