@@ -51,6 +51,9 @@ from faster_vla.schedule import UpdateSchedule
 from faster_vla.selection import SelectionConfig
 from faster_vla.success_buffer import SuccessBuffer
 
+RECENT_EPISODES = 20
+"""Episodes in the moving success rate `train/recent_success_rate`: the cumulative rate hides a trend."""
+
 
 @dataclasses.dataclass(frozen=True)
 class CriticConfig:
@@ -533,10 +536,14 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 actor_infos = run.update_actor(due)  # nothing unless the actor trains and something succeeded
                 actor_ms = (time.perf_counter() - actor_start) * 1e3 / max(len(actor_infos), 1)
                 c.wall_s += time.perf_counter() - start
+                # The log holds this run's earlier episodes (a resume rewinds it to the checkpoint).
+                recent = [r["train/success"] for r in logger.records if "train/success" in r]
+                recent = recent[max(0, len(recent) - RECENT_EPISODES + 1):] + [float(summary["success"])]
                 metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
                            "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
                            "flops/update": c.update_flops, "train/success": float(summary["success"]),
-                           "train/success_rate": c.successes / c.episodes, "train/episode_steps": summary["steps"],
+                           "train/success_rate": c.successes / c.episodes,
+                           "train/recent_success_rate": float(np.mean(recent)), "train/episode_steps": summary["steps"],
                            "wall_s": c.wall_s}
                 metrics.update({f"time_ms/{k}": v for k, v in summary["timing_ms"].items()})
                 if infos:

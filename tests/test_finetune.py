@@ -79,6 +79,9 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
     # One history: each episode logged once, in order, despite the kill.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    # The moving success rate reads the episodes before it from the log, across the resume.
+    outcomes = [r["train/success"] for r in records]
+    assert [r["train/recent_success_rate"] for r in records] == pytest.approx([outcomes[0], sum(outcomes) / 2])
     assert "eval/success_rate" in records[-1]
     assert any(p.suffix == ".png" for p in (run_dir / "plots").iterdir())
     assert (run_dir / "wandb").is_dir()
