@@ -536,9 +536,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 actor_infos = run.update_actor(due)  # nothing unless the actor trains and something succeeded
                 actor_ms = (time.perf_counter() - actor_start) * 1e3 / max(len(actor_infos), 1)
                 c.wall_s += time.perf_counter() - start
-                # The log holds this run's earlier episodes (a resume rewinds it to the checkpoint).
-                recent = [r["train/success"] for r in logger.records if "train/success" in r]
-                recent = recent[max(0, len(recent) - RECENT_EPISODES + 1):] + [float(summary["success"])]
+                # The log holds one record per earlier episode (a resume rewinds it to the checkpoint).
+                recent = [r["train/success"] for r in logger.records[-(RECENT_EPISODES - 1):]]
+                recent.append(float(summary["success"]))
                 metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
                            "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
                            "flops/update": c.update_flops, "train/success": float(summary["success"]),
