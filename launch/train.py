@@ -25,8 +25,8 @@ _PI05_LIBERO = TrainConfig(actor=ActorSource("pi05_libero"))
 # cut at 200 steps (the expert needs ~100); windows start at chunk boundaries (observations rendered only
 # there). N = 8 as in the paper's VLA setting. Unlike the paper's 100k-step runs, 200 episodes (~28k env steps)
 # must show learning, so the critics get 10 updates per episode instead of 3 and EXPO's edit step starts at
-# α 0.01 instead of 1 (at α 1 the edits stay near-uniform noise for the whole run): measured in
-# docs/reproduction.md, "A 300-episode run".
+# α 0.01 instead of 1 (log α moves by about the learning rate per update, so from 1 the edits stay
+# near-uniform noise for thousands of updates). Measured in docs/reproduction.md, "A 300-episode run".
 _CPU_SMALL = TrainConfig(
     actor=ActorSource("pi05_libero_small"),
     env=LiberoEnvConfig(suite="libero_90", task=20, max_steps=200, image_size=112),
