@@ -7,7 +7,7 @@ draws the moving success rate (the runs' own `RECENT_EPISODES` window) against e
 cumulative FLOPs, with the greedy evaluations as markers.
 
     .venv/bin/python benchmarks/compare_runs.py --runs runs/long_base runs/long_faster \\
-        --labels "base π0.5" "FASTER-EXPO" --out docs/figures/long_stove
+        --labels "base π0.5" "FASTER-EXPO" --block 50 --out benchmarks/results/long_stove
 
 Writes `results.json`, `table.md`, `success_vs_episodes.png` and `success_vs_flops.png` in `--out`.
 """
