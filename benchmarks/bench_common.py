@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from faster_vla.run_log import atomic_write
+from faster_vla.shared.files import atomic_write
 
 
 def cpu_model() -> str:

@@ -2,7 +2,7 @@
 
 Not a test. One process builds the policy once, starts both variants' envs, compiles both batch shapes, then
 alternates rounds: each round evaluates `--episodes` init states with 1 worker and with `--workers` workers
-(`faster_vla.rollout.run_episodes`, what `faster-vla eval --num-workers` runs). Medians, the speedup and
+(`faster_vla.libero.rollout.run_episodes`, what `faster-vla eval --num-workers` runs). Medians, the speedup and
 whether both variants gave the same per-episode results are printed and written as JSON.
 
     .venv/bin/python benchmarks/bench_eval.py --json benchmarks/results/eval_workers_cpu.json
@@ -22,14 +22,14 @@ from typing import Any
 import jax
 
 from bench_common import cpu_model, write_result
-from faster_vla.actor_source import ActorSource
-from faster_vla.agent import Agent
-from faster_vla.finetune import learner_config
+from faster_vla.acting.actor_source import ActorSource
+from faster_vla.acting.agent import Agent
+from faster_vla.runs.config import learner_config
 from faster_vla.launch.train import TRAIN_CONFIGS
-from faster_vla.learner import Learner
-from faster_vla.libero_env import LiberoEnvConfig
-from faster_vla.rollout import open_envs, run_episodes
-from faster_vla.selection import SelectionConfig
+from faster_vla.rl.learner import Learner
+from faster_vla.libero.env import LiberoEnvConfig
+from faster_vla.libero.rollout import init_state_keys, open_envs, run_episodes
+from faster_vla.rl.selection import SelectionConfig
 
 
 class TimedAgent:
@@ -99,7 +99,7 @@ def main() -> None:
             for n in variants:
                 timed = TimedAgent(agent)
                 t = time.perf_counter()
-                results[n] = run_episodes(timed, learner, selection, envs[n], init_states, key)
+                results[n] = run_episodes(timed, learner, selection, envs[n], init_state_keys(init_states, key))
                 times[n].append(time.perf_counter() - t)
                 acting[n].append(timed.seconds)
     finally:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from bench_common import cpu_model, write_result
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, make_libero_pool
+from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig, make_libero_pool
 
 CHUNK = 10
 

@@ -4,7 +4,7 @@ Not a test: it answers "what does serving cost on top of the policy?". One run, 
 1. build the same policy the server serves in this process, and start the server (`faster-vla serve`, a
    separate process as openpi deploys it; `--server thread` keeps it in this process, e.g. on a GPU where two
    processes would each claim the memory); wait for /healthz. The policy is the base small π0.5 (same preset,
-   seed, steps), or with `--bundle PATH` an exported FASTER bundle (`faster_vla.bundle.load_policy`: Q^dn
+   seed, steps), or with `--bundle PATH` an exported FASTER bundle (`faster_vla.serving.bundle.load_policy`: Q^dn
    scores N seeds, one is denoised, the edit policy edits it), served by `faster-vla serve --bundle PATH`;
    `--make-bundle DIR` first builds a small bundle (DIR/run, DIR/bundle) from a fresh, untrained learner, as
    tests/test_bundle.py does, and serves that;
@@ -61,7 +61,7 @@ from openpi_client import msgpack_numpy as openpi_msgpack
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from bench_common import write_result
-from faster_vla import serving
+from faster_vla.serving.server import server as serving
 from faster_vla.launch.serve import ServeArgs, build_policy, warm_up
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,15 +278,15 @@ def make_bundle(directory: Path, *, num_steps: int, num_candidates: int, seed: i
 
     The actor is the base small policy's (`pi05_small`, random weights, seed 0); the critics are small and at
     their init, so the selected seeds are arbitrary, but every step of FASTER's acting path runs."""
-    from faster_vla.actor_source import ActorSource
-    from faster_vla.bundle import export_bundle
-    from faster_vla.finetune import CriticConfig, TrainConfig, learner_config
-    from faster_vla.learner import Learner
+    from faster_vla.acting.actor_source import ActorSource
+    from faster_vla.serving.bundle import export_bundle
+    from faster_vla.runs.config import CriticConfig, TrainConfig, learner_config
+    from faster_vla.rl.learner import Learner
     from faster_vla.policies.config import get_preset
-    from faster_vla.replay import ReplayBuffer
-    from faster_vla.run_checkpoint import RunCheckpointer
-    from faster_vla.run_log import RunLogger
-    from faster_vla.selection import SelectionConfig
+    from faster_vla.rl.replay import ReplayBuffer
+    from faster_vla.runs.checkpoint import RunCheckpointer
+    from faster_vla.runs.logger import RunLogger
+    from faster_vla.rl.selection import SelectionConfig
 
     run_dir, bundle = directory / "run", directory / "bundle"
     for path in (run_dir, bundle):

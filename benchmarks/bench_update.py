@@ -25,7 +25,7 @@ from bench_common import write_result
 from faster_vla.critics.edit_policy import PI05_LIBERO_EDIT_POLICY
 from faster_vla.critics.encoders import encoder_for_pi05
 from faster_vla.critics.networks import PI05_LIBERO_CHUNK_CRITIC, PI05_LIBERO_NOISE_CRITIC, count_params
-from faster_vla.learner import Learner, LearnerConfig
+from faster_vla.rl.learner import Learner, LearnerConfig
 from faster_vla.policies import pi05
 from faster_vla.policies.config import get_preset
 

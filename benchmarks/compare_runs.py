@@ -25,8 +25,9 @@ import numpy as np
 import tyro
 
 from bench_common import write_result
-from faster_vla.finetune import RECENT_EPISODES
-from faster_vla.run_log import atomic_write, figure_png, read_metrics
+from faster_vla.runs.loop import RECENT_EPISODES
+from faster_vla.runs.logger import figure_png, read_metrics
+from faster_vla.shared.files import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,12 +36,15 @@ import numpy as np
 import tyro
 
 from bench_common import cpu_model, write_result
-from faster_vla.finetune import Run, TrainConfig, train
+from faster_vla.runs.config import TrainConfig
+from faster_vla.runs.loop import train
+from faster_vla.runs.run import Run
 from faster_vla.launch.train import TRAIN_CONFIGS
-from faster_vla.libero_env import LiberoEnv
-from faster_vla.run_checkpoint import RunCheckpointer
-from faster_vla.run_log import atomic_write, figure_png, read_metrics
-from faster_vla.selection import SelectionConfig
+from faster_vla.libero.env import LiberoEnv
+from faster_vla.runs.checkpoint import RunCheckpointer
+from faster_vla.runs.logger import figure_png, read_metrics
+from faster_vla.shared.files import atomic_write
+from faster_vla.rl.selection import SelectionConfig
 
 Method = Literal["base", "expo", "faster_expo"]
 RULES: dict[str, str] = {"base": "base", "expo": "best_of_n", "faster_expo": "faster"}

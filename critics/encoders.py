@@ -86,9 +86,10 @@ class EncoderConfig:
 
 
 def encoder_for_pi05(config: pi05_config.Pi05Config, kind: EncoderKind = "backbone", **overrides) -> EncoderConfig:
-    """EncoderConfig whose feature size matches a π0.5 config's `Prefix.features` (2 · PaliGemma width)."""
-    return EncoderConfig(kind=kind, feature_dim=2 * config.paligemma_config.width,
-                         image_size=config.siglip.image_size, **overrides)
+    """EncoderConfig whose feature size matches a π0.5 config's `Prefix.features` (2 · PaliGemma width) and,
+    for the image encoder, whose image size is the model's input size (the backbone one reads no image)."""
+    sizes = {"image_size": config.siglip.image_size} if kind == "image" else {}
+    return EncoderConfig(kind=kind, feature_dim=2 * config.paligemma_config.width, **sizes, **overrides)
 
 
 # pi05_libero's default critic encoder (see the module docstring for why the backbone one).

@@ -12,15 +12,15 @@ from typing import Any
 
 import tyro
 
-from faster_vla.demos import RecordConfig
-from faster_vla.evaluate import EvalConfig, SelectTasksConfig
+from faster_vla.pretraining.demos import RecordConfig
+from faster_vla.runs.evaluate import EvalConfig, SelectTasksConfig
 from faster_vla.launch.demo import DemoArgs, run_demo
 from faster_vla.launch.evaluate import run_eval, run_select_tasks
 from faster_vla.launch.export import ExportArgs, run_export
 from faster_vla.launch.pretrain import run_pretrain, run_record_demos
 from faster_vla.launch.serve import ServeArgs, run_serve
 from faster_vla.launch.train import TrainArgs, run_train
-from faster_vla.pretrain import PretrainConfig
+from faster_vla.pretraining.pretrain import PretrainConfig
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "demo": (DemoArgs, run_demo),

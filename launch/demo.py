@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from faster_vla import checkpoints
-from faster_vla.actor_source import unit_norm_stats
+from faster_vla.acting.actor_source import unit_norm_stats
 
 from faster_vla.policies import flops
 from faster_vla.policies.checkpoint import save_params

@@ -1,4 +1,4 @@
-"""`faster-vla export`: a fine-tuning run's checkpoint -> a self-contained policy bundle (see faster_vla.bundle)."""
+"""`faster-vla export`: a fine-tuning run's checkpoint -> a self-contained policy bundle (see faster_vla.serving.bundle)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from faster_vla.bundle import export_bundle
+from faster_vla.serving.bundle import export_bundle
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from faster_vla.demos import RecordConfig, record_demos
-from faster_vla.pretrain import PretrainConfig, pretrain
+from faster_vla.pretraining.demos import RecordConfig, record_demos
+from faster_vla.pretraining.pretrain import PretrainConfig, pretrain
 
 
 def run_record_demos(config: RecordConfig) -> dict:

@@ -2,17 +2,17 @@
 
 openpi's clients (`openpi_client.websocket_client_policy.WebsocketClientPolicy`, e.g. openpi's LIBERO
 example) connect to it unchanged; the protocol and the `"noise"` extension are described in
-`faster_vla.serving`.
+`faster_vla.serving.server`.
 
 Policy sources, one at a time:
 - `--actor.*` (an `ActorSource`, as `train` and `eval` take it): by default the small π0.5 (`pi05_small`,
   random weights from `--actor.seed`, the shipped LIBERO tokenizer, unit norm stats), which exercises the
   whole path on any CPU; or an openpi checkpoint (`--actor.preset pi05_libero`, openpi's release by default,
   or `--actor.checkpoint` a local folder or gs:// URL) with its LIBERO norm stats and the PaliGemma tokenizer;
-- `--bundle`: an exported policy bundle (`faster-vla export`), loaded by `faster_vla.bundle.load_policy`: it
+- `--bundle`: an exported policy bundle (`faster-vla export`), loaded by `faster_vla.serving.bundle.load_policy`: it
   acts with the run's selection rule, and clients may add `num_candidates`, `selection` and `return_scores`.
 
-`--max-batch` lets concurrent clients share one batched policy call (see `faster_vla.serving`); every batch
+`--max-batch` lets concurrent clients share one batched policy call (see `faster_vla.serving.server`); every batch
 size the server can run at is compiled before it listens.
 
 Every argument is checked (paths exist, port free) before any weight is read or compiled.
@@ -23,16 +23,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
 from faster_vla import checkpoints, serving
-from faster_vla.actor_source import LIBERO_ASSETS, SHIPPED_TOKENIZER, ActorSource
-from faster_vla.bundle import load_policy, read_manifest
+from faster_vla.acting.actor_source import LIBERO_ASSETS, SHIPPED_TOKENIZER, ActorSource
+from faster_vla.serving.bundle import load_policy, read_manifest
 from faster_vla.launch.demo import libero_observation
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import resolve_params_dir

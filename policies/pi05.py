@@ -9,7 +9,6 @@ caller (parity tests, critics, serving) runs the same code as the 3.3B model wit
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 from collections.abc import Mapping

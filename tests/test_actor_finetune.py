@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer, action_expert_mask, augment_images
+from faster_vla.acting.flow_trainer import ActorFinetuneConfig, ActorTrainer, action_expert_mask, augment_images
 from faster_vla.policies import pi05
 from faster_vla.policies.checkpoint import flatten_params
 from tests.small_models import SMALL, noise, perturbed_params, random_observation

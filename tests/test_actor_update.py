@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from faster_vla.actor_finetune import ActorFinetuneConfig
+from faster_vla.acting.flow_trainer import ActorFinetuneConfig
 from faster_vla.launch.demo import libero_observation
-from faster_vla.success_buffer import SuccessBuffer, SuccessBufferFormatError
+from faster_vla.acting.success_buffer import SuccessBuffer, SuccessBufferFormatError
 
 PROMPT = "turn on the stove"
 
@@ -97,12 +97,13 @@ def test_config_rejects_a_trained_vlm_and_no_images():
 
 def test_run_trains_the_actor_checkpoints_resumes_and_exports_it(tmp_path):
     pytest.importorskip("libero.libero", reason="the LIBERO extra is not installed: pip install -e '.[libero]'")
-    from faster_vla.bundle import export_bundle
-    from faster_vla.finetune import Run, train
+    from faster_vla.serving.bundle import export_bundle
+    from faster_vla.runs.loop import train
+    from faster_vla.runs.run import Run
     from faster_vla.launch.train import TRAIN_CONFIGS
     from faster_vla.policies.checkpoint import restore_params
-    from faster_vla.run_checkpoint import RunCheckpointError
-    from faster_vla.run_log import RunLogger
+    from faster_vla.runs.checkpoint import RunCheckpointError
+    from faster_vla.runs.logger import RunLogger
 
     base = TRAIN_CONFIGS["cpu_small_faster_expo"][1]
     config = dataclasses.replace(

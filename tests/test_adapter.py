@@ -127,7 +127,7 @@ def test_images_of_another_size_are_resized_with_padding(actor, obs):
 
 
 def test_frozen_actor_cache_holds_what_the_actor_computes(actor, obs, prefix):
-    from faster_vla.replay import frozen_actor_cache
+    from faster_vla.acting.frozen_cache import frozen_actor_cache
 
     eps = np.asarray(noise(SMALL, BATCH, N, seed=5))
     cache = frozen_actor_cache(actor, obs, eps, num_steps=10)

@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from faster_vla import checkpoints
-from faster_vla.agent import Agent, critic_inputs
+from faster_vla.acting.agent import Agent, critic_inputs
 from faster_vla.critics.edit_policy import EditPolicyConfig
 from faster_vla.critics.encoders import EncoderConfig
 from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
-from faster_vla.filtering import successive_halving
-from faster_vla.learner import Learner, LearnerConfig
+from faster_vla.rl.filtering import successive_halving
+from faster_vla.rl.learner import Learner, LearnerConfig
 from faster_vla.launch.demo import libero_observation
 from faster_vla.policies import pi05
 from faster_vla.policies.config import GemmaConfig, SiglipConfig
 from faster_vla.policies.normalize import NormStats
 from faster_vla.policies.policy import make_libero_policy
 from faster_vla.policies.tokenizer import PaligemmaTokenizer
-from faster_vla.replay import frozen_actor_cache
-from faster_vla.selection import SelectionConfig
+from faster_vla.acting.frozen_cache import frozen_actor_cache
+from faster_vla.rl.selection import SelectionConfig
 
 # A π0.5 small enough for CI that still takes LIBERO inputs: the shipped tokenizer (vocab 512), 8-D state.
 CONFIG = pi05.Pi05Config(

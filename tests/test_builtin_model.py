@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from faster_vla import checkpoints
-from faster_vla.actor_source import RANDOM_WEIGHTS, ActorSource
-from faster_vla.evaluate import wilson_interval
+from faster_vla.acting.actor_source import RANDOM_WEIGHTS, ActorSource
+from faster_vla.runs.evaluate import wilson_interval
 from faster_vla.policies.checkpoint import checkpoint_layout, restore_params
 
 SHIPPED = checkpoints.path("pi05_libero_small")
@@ -47,8 +47,8 @@ def test_shipped_checkpoint_is_an_openpi_checkpoint_that_fits_in_git() -> None:
 
 def test_shipped_model_acts_on_a_real_libero_observation_and_reproduces_its_base_success(tmp_path: Path) -> None:
     pytest.importorskip("libero.libero", reason="the LIBERO extra is not installed: pip install -e '.[libero]'")
-    from faster_vla.evaluate import EvalConfig, evaluate
-    from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig
+    from faster_vla.runs.evaluate import EvalConfig, evaluate
+    from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
 
     policy = ActorSource("pi05_libero_small").build()
     with LiberoEnv(LiberoEnvConfig(task=int(CI_TASK), image_size=112, max_steps=20)) as env:

@@ -14,18 +14,19 @@ import jax
 import numpy as np
 import pytest
 
-from faster_vla.actor_source import ActorSource
-from faster_vla.bundle import BUNDLE_FILE, BundleError, TunedPolicy, export_bundle, load_policy
-from faster_vla.finetune import CriticConfig, TrainConfig, learner_config, load_run
+from faster_vla.acting.actor_source import ActorSource
+from faster_vla.serving.bundle import BUNDLE_FILE, BundleError, TunedPolicy, export_bundle, load_policy
+from faster_vla.runs.config import CriticConfig, TrainConfig, learner_config
+from faster_vla.runs.loading import load_run
 from faster_vla.launch.demo import libero_observation
-from faster_vla.learner import Learner
-from faster_vla.libero_env import LiberoEnvConfig
+from faster_vla.rl.learner import Learner
+from faster_vla.libero.env import LiberoEnvConfig
 from faster_vla.policies.config import PI05_SMALL
 from faster_vla.policies.pi05 import load_openpi
-from faster_vla.replay import ReplayBuffer
-from faster_vla.run_checkpoint import RunCheckpointer
-from faster_vla.run_log import RunLogger
-from faster_vla.selection import SelectionConfig
+from faster_vla.rl.replay import ReplayBuffer
+from faster_vla.runs.checkpoint import RunCheckpointer
+from faster_vla.runs.logger import RunLogger
+from faster_vla.rl.selection import SelectionConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(
@@ -133,7 +134,7 @@ def test_batched_inference_equals_one_at_a_time(bundle):
 
 
 def test_a_plain_openpi_checkpoint_loads_as_the_base_policy(tmp_path):
-    from faster_vla.actor_source import LIBERO_ASSETS, unit_norm_stats
+    from faster_vla.acting.actor_source import LIBERO_ASSETS, unit_norm_stats
     from faster_vla.policies.checkpoint import save_params
     from faster_vla.policies.normalize import save_norm_stats
     from faster_vla.policies.policy import Policy
@@ -171,7 +172,7 @@ def _free_port() -> int:
 def test_serve_bundle_to_openpi_client(bundle):
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-    from faster_vla import serving
+    from faster_vla.serving.server import server as serving
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "faster_vla.launch.cli", "serve", "--bundle", str(bundle),

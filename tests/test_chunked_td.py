@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from faster_vla import chunked_td
-from faster_vla.chunked_td import bootstrap_discount, td_target, window, window_returns, window_valid
+from faster_vla.rl import chunked_td
+from faster_vla.rl.chunked_td import bootstrap_discount, td_target, window, window_returns, window_valid
 
 
 def test_terminal_episode_windows_by_hand():

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from faster_vla.compute import UnitFlops, decision_flops, xla_flops
+from faster_vla.rl.flops import UnitFlops, decision_flops, xla_flops
 from faster_vla.critics.networks import MLP
 from faster_vla.policies.config import PI05_LIBERO
-from faster_vla.selection import SelectionConfig
+from faster_vla.rl.selection import SelectionConfig
 
 UNITS = UnitFlops.for_pi05(PI05_LIBERO, noise_critic=int(4e7), chunk_critic=int(4e7), edit=int(1e7))
 
@@ -51,7 +51,7 @@ def test_xla_flops_counts_a_dense_layer():
 
 
 def test_filter_schedule_flops():
-    from faster_vla.filtering import single_step, successive_halving
+    from faster_vla.rl.filtering import single_step, successive_halving
 
     units = UnitFlops(prefix=1000, denoise_step=10, noise_critic=3, chunk_critic=5, edit=7)
     faster = SelectionConfig("faster", num_candidates=8)

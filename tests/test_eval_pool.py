@@ -1,4 +1,4 @@
-"""Evaluation over env worker processes (faster_vla.rollout) on libero_90 task 0 with a tiny π0.5: lockstep
+"""Evaluation over env worker processes (faster_vla.libero.rollout) on libero_90 task 0 with a tiny π0.5: lockstep
 episodes over a pool match one env's, a dead worker fails fast with a clear error, and a bad worker count
 fails before anything starts. Needs the `libero` extra; skipped without it.
 
@@ -19,15 +19,15 @@ import jax
 import numpy as np
 import pytest
 
-from faster_vla import libero_env
-from faster_vla.actor_source import ActorSource
-from faster_vla.agent import Agent, Decision
-from faster_vla.env_pool import EnvWorkerError
-from faster_vla.evaluate import EvalConfig, evaluate
-from faster_vla.finetune import TrainConfig
+from faster_vla.libero import env as libero_env
+from faster_vla.acting.actor_source import ActorSource
+from faster_vla.acting.agent import Agent, Decision
+from faster_vla.libero.env_pool import EnvWorkerError
+from faster_vla.runs.evaluate import EvalConfig, evaluate
+from faster_vla.runs.config import TrainConfig
 from faster_vla.launch.cli import main as cli_main
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, make_libero_pool
-from faster_vla.rollout import EpisodeResult, open_envs, run_episodes
+from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig, make_libero_pool
+from faster_vla.libero.rollout import init_state_keys, open_envs, run_episodes
 from tests.test_agent import CONFIG, _config, _learner, _stats
 
 # Horizon 4: an episode is chunks of 4, 4 and 2 steps.
@@ -85,12 +85,13 @@ def test_pool_matches_one_env(acting):
     agent, learner, selection = acting
     one_env = Recorder(agent)
     with LiberoEnv(ENV) as env:
-        expected = run_episodes(one_env, learner, selection, env, [0, 1, 2], KEY)
+        expected = run_episodes(one_env, learner, selection, env, init_state_keys([0, 1, 2], KEY))
     pooled = Recorder(agent)
     with make_libero_pool(ENV, 2) as pool:
-        got = run_episodes(pooled, learner, selection, pool, [0, 1, 2], KEY)
-    assert expected == [EpisodeResult(i, False, 10) for i in range(3)]  # random weights: truncated at 10 steps
-    assert got == expected
+        got = run_episodes(pooled, learner, selection, pool, init_state_keys([0, 1, 2], KEY))
+    expected = [e.summary() for e in expected]  # random weights: truncated at 10 steps
+    assert expected == [{"init_state": i, "success": False, "steps": 10} for i in range(3)]
+    assert [e.summary() for e in got] == expected
     # The same chunk at every decision of every episode: its own noise, critic pairs and edit draw whichever
     # worker and batch mates it has (a wrong key would differ by O(1)). Not bit for bit: XLA rounds a batch of
     # 1 (matrix-vector products) differently from a batch of 2 (~1e-7), and the simulator carries that
@@ -125,7 +126,7 @@ def test_dead_worker_fails_fast_and_clearly(acting):
     with make_libero_pool(ENV, 2) as pool:
         start = time.monotonic()
         with pytest.raises(EnvWorkerError, match=r"env worker 1 failed in step_chunk\(\): worker exited") as err:
-            run_episodes(Recorder(agent, on_batch=kill_worker_1), learner, selection, pool, [0, 1], KEY)
+            run_episodes(Recorder(agent, on_batch=kill_worker_1), learner, selection, pool, init_state_keys([0, 1], KEY))
         assert time.monotonic() - start < 60
         assert pool.closed and not any(pool.workers_alive())
     notes = "\n".join(err.value.__notes__)

@@ -1,4 +1,4 @@
-"""Scripted experts (faster_vla.experts) and the unrendered env mode they run in. Needs the `libero` extra."""
+"""Scripted experts (faster_vla.libero.experts) and the unrendered env mode they run in. Needs the `libero` extra."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from faster_vla import libero_env
-from faster_vla.experts import (
+from faster_vla.libero import env as libero_env
+from faster_vla.libero.experts import (
     EXPERTS,
     ExpertConfig,
     expert_for,
@@ -16,7 +16,7 @@ from faster_vla.experts import (
     rotation_to_axis_angle,
     run_expert,
 )
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig
+from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
 from faster_vla.policies.transforms import LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from faster_vla import filtering
-from faster_vla.filtering import FilterSchedule, filter_and_denoise, filter_critic_loss, filter_td_targets
-from faster_vla.selection import SelectionConfig, pick_seed, select
+from faster_vla.rl import filtering
+from faster_vla.rl.filtering import FilterSchedule, filter_and_denoise, filter_critic_loss, filter_td_targets
+from faster_vla.rl.selection import SelectionConfig, pick_seed, select
 
 H, A = 3, 2
 
@@ -151,7 +151,7 @@ def test_temperature_sampling():
 )
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_toy_segments_equal_full_denoise(schedule, temperature):
-    from faster_vla.toy_task import FlowActor, ToyTaskConfig
+    from tests.toy_task import FlowActor, ToyTaskConfig
 
     task = ToyTaskConfig(horizon=H, num_steps=schedule.num_steps)
     actor = FlowActor(task)
@@ -296,7 +296,7 @@ def test_loss_by_hand_and_stop_gradient():
 def test_noise_critic_learns_td_targets_on_toy():
     from faster_vla.critics.encoders import EncoderConfig
     from faster_vla.critics.networks import NoiseCritic, NoiseCriticConfig, min_of_random_pair
-    from faster_vla.toy_task import FlowActor, ToyTaskConfig, toy_features
+    from tests.toy_task import FlowActor, ToyTaskConfig, toy_features
 
     task = ToyTaskConfig(horizon=H, num_steps=10)
     actor = FlowActor(task)
@@ -343,7 +343,8 @@ def test_noise_critic_learns_td_targets_on_toy():
 def test_pi05_cache_lookup_equals_advancing_the_actor(pi05_setup, schedule, temperature):
     """A filter replayed from `frozen_actor_cache` (x_t of every seed at the filter steps) makes the same choices
     and the same x_t as one that runs π0.5 segment by segment: updates can train Q^dn without the actor."""
-    from faster_vla.replay import FrozenActorCacheSpec, frozen_actor_cache
+    from faster_vla.acting.frozen_cache import frozen_actor_cache
+    from faster_vla.rl.replay import FrozenActorCacheSpec
     from tests.small_models import SMALL, random_observation
     from tests.small_models import noise as small_noise
 
@@ -378,7 +379,7 @@ def test_lookup_errors():
     lookup = filtering.cache_lookup(noise, jnp.zeros((2, 4, 1, H, A)), noise, (3,), 10)  # step 7 missing
     with pytest.raises(ValueError, match="step 7 is not cached"):
         filter_and_denoise(schedule, jax.random.key(0), noise, lookup=lookup, score=_linear_score())
-    from faster_vla.replay import FrozenActorCacheSpec
+    from faster_vla.rl.replay import FrozenActorCacheSpec
 
     with pytest.raises(ValueError, match="strictly increasing"):
         FrozenActorCacheSpec(intermediate_steps=(3, 3))

@@ -16,11 +16,12 @@ import pytest
 
 pytest.importorskip("libero.libero", reason="the LIBERO extra is not installed: pip install -e '.[libero]'")
 
-from faster_vla.evaluate import EvalConfig, evaluate  # noqa: E402
-from faster_vla.finetune import TrainConfig, train  # noqa: E402
+from faster_vla.runs.evaluate import EvalConfig, evaluate  # noqa: E402
+from faster_vla.runs.config import TrainConfig  # noqa: E402
+from faster_vla.runs.loop import train
 from faster_vla.launch.train import TRAIN_CONFIGS  # noqa: E402
-from faster_vla.run_checkpoint import RunCheckpointer  # noqa: E402
-from faster_vla.run_log import from_jsonable  # noqa: E402
+from faster_vla.runs.checkpoint import RunCheckpointer  # noqa: E402
+from faster_vla.shared.jsonable import from_jsonable  # noqa: E402
 
 # The CLI's CPU config, cut to one 10-step chunk per episode so a CI run is mostly compilation; the env-step
 # budget (20) ends it after 2 of its 3 episodes.
@@ -70,7 +71,7 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
     assert counters["updates"] == 2 * base_updates() and counters["acting_flops"] > 0 and counters["update_flops"] > 0
 
     # The final checkpoint holds the whole run: replay rows of both episodes, counters matching them.
-    from faster_vla.finetune import Run
+    from faster_vla.runs.run import Run
 
     run = Run(dataclasses.replace(_config(run_dir), resume=True), log=lambda *_: None)
     assert run.restore()
@@ -92,7 +93,7 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
     assert report["policy"].startswith(f"run {run_dir}") and "faster" in report["policy"]
     assert json.loads((tmp_path / "e.json").read_text())["tasks"]["0"]["trials"] == 1
     # ... and so does its exported bundle, with the same rule.
-    from faster_vla.bundle import export_bundle
+    from faster_vla.serving.bundle import export_bundle
 
     bundle = export_bundle(run_dir, tmp_path / "bundle")
     report = evaluate(EvalConfig(bundle=bundle, tasks=("0",), trials=1, max_steps=10, output=tmp_path / "b.json"),
@@ -103,7 +104,7 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
 
 
 def test_bad_inputs_fail_before_anything_expensive(tmp_path):
-    from faster_vla.selection import SelectionConfig
+    from faster_vla.rl.selection import SelectionConfig
 
     with pytest.raises(ValueError, match="suite"):
         train(_config(tmp_path / "a", env=dataclasses.replace(_config(tmp_path).env, suite="libero_x")))

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faster_vla.learner import Learner
-from faster_vla.toy_task import FlowActor, ToyRunConfig, ToyTaskConfig, toy_features, toy_learner_config
+from faster_vla.rl.learner import Learner
+from tests.toy_task import FlowActor, ToyRunConfig, ToyTaskConfig, toy_features, toy_learner_config
 
 TASK = ToyTaskConfig()
 B, N = 16, 8
@@ -110,7 +110,7 @@ def _filter_learner(schedule) -> Learner:
 
 def _with_intermediates(actor: FlowActor, batch: dict, schedule, utd: int | None = None) -> dict:
     """Adds the frozen-actor cache's x_t [.., K, S, H, A] at the schedule's filter steps to cache and next_cache."""
-    from faster_vla.filtering import cached_steps, flow_actor_advance
+    from faster_vla.rl.filtering import cached_steps, flow_actor_advance
 
     steps = cached_steps(schedule)
     for cache_key, inputs_key in (("cache", "inputs"), ("next_cache", "next_inputs")):
@@ -126,7 +126,7 @@ def _with_intermediates(actor: FlowActor, batch: dict, schedule, utd: int | None
 @pytest.mark.parametrize("stages", [((0, 4), (1, 2), (2, 1)), ((3, 2), (7, 1))])
 def test_filter_td_target_from_cache_equals_running_the_actor(stages):
     from faster_vla.critics.networks import min_of_random_pair
-    from faster_vla.filtering import FilterSchedule, flow_actor_advance
+    from faster_vla.rl.filtering import FilterSchedule, flow_actor_advance
 
     schedule = FilterSchedule(N, TASK.num_steps, stages)
     actor = FlowActor(TASK)
@@ -147,7 +147,7 @@ def test_filter_td_target_from_cache_equals_running_the_actor(stages):
 
 
 def test_filter_update_trains_a_step_conditioned_noise_critic():
-    from faster_vla.filtering import successive_halving
+    from faster_vla.rl.filtering import successive_halving
 
     schedule = successive_halving(N, TASK.num_steps)  # ((0, 4), (1, 2), (2, 1))
     actor = FlowActor(TASK)
@@ -170,7 +170,7 @@ def test_filter_update_trains_a_step_conditioned_noise_critic():
 
 
 def test_filter_config_errors():
-    from faster_vla.filtering import successive_halving
+    from faster_vla.rl.filtering import successive_halving
 
     base = dataclasses.replace(toy_learner_config(TASK, ToyRunConfig(rule="faster")), noise_target="kept")
     timed = dataclasses.replace(base.noise_critic, time_conditioned=True)

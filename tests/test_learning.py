@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from faster_vla.toy_task import ToyRunConfig, ToyTaskConfig, train_and_evaluate
+from tests.toy_task import ToyRunConfig, ToyTaskConfig, train_and_evaluate
 
 SEEDS = (0, 1)
 

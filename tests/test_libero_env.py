@@ -1,4 +1,4 @@
-"""LIBERO envs (faster_vla.libero_env) and the env worker pool, on libero_90 task 0 ("close the top drawer
+"""LIBERO envs (faster_vla.libero.env) and the env worker pool, on libero_90 task 0 ("close the top drawer
 of the cabinet"), headless. Needs the `libero` extra (pip install -e ".[libero]"); skipped without it.
 
 Costs on a 2-core CPU: an env is ~2 s to create, ~0.3 s to reset, ~0.25 s per 10-step chunk when only the
@@ -14,9 +14,9 @@ import os
 import numpy as np
 import pytest
 
-from faster_vla import libero_env
-from faster_vla.env_pool import EnvPool, EnvWorkerError
-from faster_vla.libero_env import (
+from faster_vla.libero import env as libero_env
+from faster_vla.libero.env_pool import EnvPool, EnvWorkerError
+from faster_vla.libero.env import (
     NOOP_ACTION,
     ChunkResult,
     LiberoEnv,

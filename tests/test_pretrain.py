@@ -1,4 +1,4 @@
-"""Demonstrations (faster_vla.demos) and small-π0.5 pretraining (faster_vla.pretrain).
+"""Demonstrations (faster_vla.pretraining.demos) and small-π0.5 pretraining (faster_vla.pretraining.pretrain).
 
 The recorder test records one real LIBERO episode (needs the `libero` extra; skipped without it); the
 pretraining tests train the tiny_a preset for a few steps on it, export, resume and act.
@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from faster_vla import libero_env
-from faster_vla.actor_finetune import ActorFinetuneConfig
-from faster_vla.actor_source import ActorSource
-from faster_vla.demos import (
+from faster_vla.libero import env as libero_env
+from faster_vla.acting.flow_trainer import ActorFinetuneConfig
+from faster_vla.acting.actor_source import ActorSource
+from faster_vla.pretraining.demos import (
     FORMAT_VERSION,
     DemoFormatError,
     Episode,
@@ -25,10 +25,10 @@ from faster_vla.demos import (
     read_manifest,
     record_demos,
 )
-from faster_vla.experts import expert_for, run_expert
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig
+from faster_vla.libero.experts import expert_for, run_expert
+from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
 from faster_vla.policies import checkpoint as ckpt_lib
-from faster_vla.pretrain import (CARD_FILE, CHECKPOINT_DIR, SNAPSHOT_DIR, DemoFrames, PretrainConfig, compute_norm_stats,
+from faster_vla.pretraining.pretrain import (CARD_FILE, CHECKPOINT_DIR, SNAPSHOT_DIR, DemoFrames, PretrainConfig, compute_norm_stats,
                                  pretrain)
 
 STOVE = "KITCHEN_SCENE3_turn_on_the_stove"  # the shortest scripted task (~60 steps)

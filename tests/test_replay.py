@@ -8,18 +8,22 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from faster_vla.replay import (
+from faster_vla.acting.frozen_cache import frozen_actor_cache
+from faster_vla.rl.replay import (
     FORMAT_VERSION,
     ChunkBatch,
     FrozenActorCacheSpec,
     ReplayBuffer,
     ReplayFormatError,
-    draw_cache_noise,
-    frozen_actor_cache,
     num_valid_starts,
 )
 
 SPEC = FrozenActorCacheSpec(num_seeds=2, action_horizon=3, action_dim=2, feature_dim=4)
+
+
+def draw_cache_noise(rng: np.random.Generator, num_rows: int, spec: FrozenActorCacheSpec) -> np.ndarray:
+    """float32 [num_rows, K, H, A] standard-normal initial noises, K per row."""
+    return rng.standard_normal((num_rows, spec.num_seeds, spec.action_horizon, spec.action_dim), np.float32)
 
 
 def make_episode(code: int, length: int, rewards=None, *, terminal: bool, cache: bool = False, images: bool = False):

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faster_vla.learner import Learner
-from faster_vla.replay import ReplayBuffer
-from faster_vla.run_checkpoint import RunCheckpointer, RunCheckpointError
-from faster_vla.toy_task import ToyRunConfig, ToyTaskConfig, toy_features, toy_learner_config
+from faster_vla.rl.learner import Learner
+from faster_vla.rl.replay import ReplayBuffer
+from faster_vla.runs.checkpoint import RunCheckpointer, RunCheckpointError
+from tests.toy_task import ToyRunConfig, ToyTaskConfig, toy_features, toy_learner_config
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = ToyTaskConfig()

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from faster_vla.run_log import RunLogger, json_diff, read_metrics, to_jsonable
-from faster_vla.toy_task import ToyRunConfig, ToyTaskConfig, toy_learner_config
+from faster_vla.runs.logger import RunLogger, read_metrics
+from faster_vla.shared.jsonable import json_diff, to_jsonable
+from tests.toy_task import ToyRunConfig, ToyTaskConfig, toy_learner_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faster_vla.selection import SelectionConfig, pick_seed, select
+from faster_vla.rl.selection import SelectionConfig, pick_seed, select
 
 B, N, H, A = 3, 6, 4, 2
 

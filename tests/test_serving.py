@@ -22,13 +22,13 @@ import websockets.sync.client
 from openpi_client import msgpack_numpy as openpi_msgpack
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-from faster_vla import serving
-from faster_vla.actor_source import ActorSource
+from faster_vla.serving.server import server as serving
+from faster_vla.acting.actor_source import ActorSource
 from faster_vla.launch import serve as serve_cli
 from faster_vla.launch.demo import libero_observation
 from faster_vla.launch.serve import ServeArgs, build_policy, check_args, warm_up
 from faster_vla.policies.policy import batch_bucket, batch_buckets
-from faster_vla.serving import BackgroundServer, packb, unpackb
+from faster_vla.serving.server import BackgroundServer, packb, unpackb
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 3
@@ -547,7 +547,7 @@ def test_serve_args_are_checked_before_loading(tmp_path, echo_server):
 
 
 def test_a_folder_that_is_no_bundle_is_refused_before_loading(tmp_path):
-    from faster_vla.bundle import BundleError
+    from faster_vla.serving.bundle import BundleError
 
     with pytest.raises(BundleError, match="not a faster-vla bundle"):
         check_args(ServeArgs(bundle=tmp_path, port=0))

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import pytest
 import tyro
 
-from faster_vla.finetune import CriticConfig, learner_config
+from faster_vla.runs.config import CriticConfig, learner_config
 from faster_vla.launch.train import TrainArgs
-from faster_vla.learner import Learner
+from faster_vla.rl.learner import Learner
 from faster_vla.policies.config import get_preset
 
 

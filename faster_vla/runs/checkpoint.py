@@ -41,14 +41,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from faster_vla.actor_finetune import ActorTrainer
-from faster_vla.learner import Learner
+from faster_vla.acting.flow_trainer import ActorTrainer
+from faster_vla.rl.learner import Learner
 from faster_vla.policies.checkpoint import CheckpointMismatchError, _quiet_orbax, compare_shapes
-from faster_vla.replay import ReplayBuffer
-from faster_vla.run_log import ensure_writable_dir, json_diff, to_jsonable
-from faster_vla.success_buffer import SuccessBuffer
+from faster_vla.rl.replay import ReplayBuffer
+from faster_vla.shared.files import ensure_writable_dir
+from faster_vla.shared.jsonable import json_diff, to_jsonable
+from faster_vla.acting.success_buffer import SuccessBuffer
 
-FORMAT = "faster_vla.run_checkpoint"
+FORMAT = "faster_vla.runs.checkpoint"
 FORMAT_VERSION = 1
 
 LEARNER_ITEM = "learner"
@@ -234,9 +235,9 @@ class RunCheckpointer:
         if eval_success is not None and not math.isfinite(float(eval_success)):
             raise ValueError(f"eval_success must be finite or None, got {eval_success}")
         if not isinstance(learner, Learner):
-            raise TypeError(f"learner must be a faster_vla.learner.Learner, got {type(learner).__name__}")
+            raise TypeError(f"learner must be a faster_vla.rl.learner.Learner, got {type(learner).__name__}")
         if not isinstance(replay, ReplayBuffer):
-            raise TypeError(f"replay must be a faster_vla.replay.ReplayBuffer, got {type(replay).__name__}")
+            raise TypeError(f"replay must be a faster_vla.rl.replay.ReplayBuffer, got {type(replay).__name__}")
         if (actor is None) != (successes is None):
             raise ValueError("save the trained actor and its success buffer together (both or neither)")
         state = {
@@ -369,7 +370,7 @@ def _leaf_specs(learner: Learner) -> dict[str, list]:
 
 def _check_template(state: Mapping[str, Any], template: Learner, where: str, allow_config_change: bool) -> None:
     if not isinstance(template, Learner):
-        raise TypeError(f"learner_template must be a faster_vla.learner.Learner, got {type(template).__name__}")
+        raise TypeError(f"learner_template must be a faster_vla.rl.learner.Learner, got {type(template).__name__}")
     config_diff = json_diff(state["learner_config"], to_jsonable(template.config, strict=False))
     saved = state["learner_leaves"]
     wanted = _leaf_specs(template)

@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from faster_vla.env_pool import EnvPool
+from faster_vla.libero.env_pool import EnvPool
 from faster_vla.policies.image_tools import resize_with_pad
 from faster_vla.policies.transforms import (
     LIBERO_ACTION_DIM,
@@ -298,6 +298,14 @@ def list_tasks(suite: str) -> list[LiberoTask]:
     ]
 
 
+def parse_task(task: int | str) -> int | str:
+    """A task as given on the command line: a task id ("20", as an int) or a task name (kept as text)."""
+    if isinstance(task, int):
+        return task
+    text = str(task).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def resolve_task(suite: str, task: int | str) -> LiberoTask:
     """Finds a task by id, name or (if unique in the suite) instruction; errors list how to find valid ones."""
     tasks = list_tasks(suite)
@@ -305,7 +313,7 @@ def resolve_task(suite: str, task: int | str) -> LiberoTask:
         if not 0 <= task < len(tasks):
             raise ValueError(
                 f"task id {task} is out of range for {suite} ({len(tasks)} tasks: ids 0-{len(tasks) - 1}); "
-                f"list them with faster_vla.libero_env.list_tasks({suite!r})"
+                f"list them with faster_vla.libero.env.list_tasks({suite!r})"
             )
         return tasks[task]
     by_name = [t for t in tasks if t.name == task]
@@ -323,7 +331,7 @@ def resolve_task(suite: str, task: int | str) -> LiberoTask:
     hint = f"; did you mean {close}?" if close else ""
     raise ValueError(
         f"unknown task {task!r} in {suite}{hint} List the {len(tasks)} tasks (id, name, instruction) with "
-        f"faster_vla.libero_env.list_tasks({suite!r})"
+        f"faster_vla.libero.env.list_tasks({suite!r})"
     )
 
 
@@ -552,7 +560,7 @@ class LiberoEnv:
         truncated = (not done) and self._steps >= self.max_steps
         self._episode_over = done or truncated
         info = {"success": bool(done), "truncated": truncated, "step": self._steps}
-        if every:  # what sliding windows starting at every step need (faster_vla.finetune, window_starts='step')
+        if every:  # what sliding windows starting at every step need (faster_vla.libero.rollout, record='step')
             info["observations"] = step_observations
             return ChunkResult(step_observations[-1], rewards[:executed], executed, bool(done), truncated, info)
         return ChunkResult(self._observation(raw), rewards[:executed], executed, bool(done), truncated, info)

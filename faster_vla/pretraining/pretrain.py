@@ -1,13 +1,13 @@
 """Pretraining a small π0.5 on scripted LIBERO demonstrations: behaviour cloning with openpi's flow loss.
 
 Same model code as pi05_libero (a small preset), one language-conditioned multitask model over every task of
-a demonstration folder (`faster_vla.demos`). Training follows openpi's recipe at small scale: the LIBERO
+a demonstration folder (`faster_vla.pretraining.demos`). Training follows openpi's recipe at small scale: the LIBERO
 input pipeline (`make_libero_policy`: quantile normalisation, resize, tokenisation, padding) on each sampled
 frame with its next `action_horizon` actions (the episode's last action repeats past its end, as LeRobot's
 clamped chunks do; `Policy.to_training_batch`), openpi's image augmentation, AdamW with warm-up and cosine
 decay, gradient clipping and an EMA of the weights, which is what gets exported.
 
-A run folder holds the resolved config, metrics (`faster_vla.run_log`), orbax checkpoints of the trainer
+A run folder holds the resolved config, metrics (`faster_vla.runs.logger`), orbax checkpoints of the trainer
 for `--resume` (a killed run loses at most `save_every` steps), and at the end `checkpoint/`, written
 atomically in openpi's layout: `params/`, `assets/physical-intelligence/libero/norm_stats.json` (computed
 from the demonstrations), the tokenizer, and `pretrain.json` (data, settings, size: the model card's facts).
@@ -29,16 +29,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from faster_vla import checkpoints
-from faster_vla.actor_finetune import ActorFinetuneConfig, ActorTrainer
-from faster_vla.actor_source import LIBERO_ASSETS, RANDOM_WEIGHTS, SHIPPED_TOKENIZER, ActorSource
-from faster_vla.demos import Episode, iter_episodes, read_manifest
+from faster_vla.acting.flow_trainer import ActorFinetuneConfig, ActorTrainer
+from faster_vla.acting.actor_source import LIBERO_ASSETS, RANDOM_WEIGHTS, SHIPPED_TOKENIZER, ActorSource
+from faster_vla.pretraining.demos import Episode, iter_episodes, read_manifest
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import _quiet_orbax, save_params
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import NormStats, save_norm_stats
 from faster_vla.policies.pi05 import Pi05Actor
 from faster_vla.policies.transforms import LIBERO_IMAGE_KEY, LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
-from faster_vla.run_log import RunLogger, atomic_write, to_jsonable
+from faster_vla.runs.logger import RunLogger
+from faster_vla.shared.checks import raise_if_non_finite
+from faster_vla.shared.files import atomic_write
+from faster_vla.shared.jsonable import to_jsonable
 
 CHECKPOINT_DIR = "checkpoint"  # the exported openpi checkpoint inside the run folder
 TRAINER_DIR = "trainer"  # orbax checkpoints of the trainer, for --resume
@@ -49,7 +52,7 @@ CARD_FILE = "pretrain.json"
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Behaviour-clone a small π0.5 on scripted LIBERO demonstrations (see faster_vla.pretrain)."""
+    """Behaviour-clone a small π0.5 on scripted LIBERO demonstrations (see faster_vla.pretraining.pretrain)."""
 
     demos: Path = Path("demos/libero90_scripted")
     """Demonstration folder (`faster-vla record-demos`)."""
@@ -195,9 +198,8 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
             losses.append(info["actor_flow_loss"])
             if step % config.log_every == 0:
                 loss = float(np.mean(jax.device_get(losses)))
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"flow loss is {loss} at step {step}; lower --optimizer.learning-rate "
-                                             "and --resume from the last checkpoint")
+                raise_if_non_finite({"train/flow_loss": loss}, f"pretraining step {step}",
+                                    "lower --optimizer.learning-rate and --resume from the last checkpoint")
                 elapsed = time.perf_counter() - start
                 logger.log({"train/flow_loss": loss, "train/grad_norm": float(info["actor_grad_norm"]),
                             "learning_rate": float(config.optimizer.schedule()(step)),

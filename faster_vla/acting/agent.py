@@ -7,7 +7,7 @@ noise), the critics (Q^dn over the N seeds, Q^a over candidates, the edit policy
 `selection.select`, the one implementation acting, evaluation and TD targets share; only the callables it is
 handed differ (here: the live actor and compiled critic calls, each timed).
 
-`Agent.cache` computes what a replay row needs from the frozen actor (`replay.frozen_actor_cache`) for a
+`Agent.cache` computes what a replay row needs from the frozen actor (`frozen_cache.frozen_actor_cache`) for a
 batch of observations, so that updates never run the actor; with a trainable actor the same call refreshes
 a sampled batch instead (the cache is then recomputed, not stored).
 """
@@ -24,16 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faster_vla.compute import DecisionFlops, UnitFlops, decision_flops, xla_flops
+from faster_vla.rl.flops import DecisionFlops, UnitFlops, decision_flops, xla_flops
 from faster_vla.critics.edit_policy import EditPolicy
 from faster_vla.critics.encoders import EncoderConfig
 from faster_vla.critics.networks import ChunkCritic, NoiseCritic
-from faster_vla.filtering import cached_steps, filter_and_denoise, pi05_advance
-from faster_vla.learner import Inputs, Learner, LearnerConfig
+from faster_vla.rl.filtering import cached_steps, filter_and_denoise, pi05_advance
+from faster_vla.rl.learner import Inputs, Learner, LearnerConfig
 from faster_vla.policies.pi05 import Observation, Prefix
 from faster_vla.policies.policy import Policy
-from faster_vla.replay import frozen_actor_cache
-from faster_vla.selection import SelectionConfig, select
+from faster_vla.policies.transforms import LIBERO_ACTION_DIM
+from faster_vla.acting.frozen_cache import frozen_actor_cache
+from faster_vla.rl.selection import SelectionConfig, select
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb")  # what the image encoder sees: agentview + wrist
 
@@ -107,30 +108,40 @@ class Decision:
 
 
 class Agent:
-    """A `Policy`'s transforms and π0.5 actor, acting by a learner's selection rule."""
+    """A `Policy`'s transforms and π0.5 actor, acting by a learner's selection rule.
 
-    def __init__(self, policy: Policy, config: LearnerConfig, *, num_steps: int = 10, seed: int = 0) -> None:
+    `config` None: the agent has no critics and acts with the base rule only (`act(None, obs)`), e.g. to
+    evaluate a base policy; it then emits the robot's LIBERO action dims.
+    """
+
+    def __init__(self, policy: Policy, config: LearnerConfig | None = None, *, num_steps: int = 10,
+                 seed: int = 0) -> None:
         actor_config = policy.actor.config
-        h, a = config.chunk_critic.chunk_shape
-        if h != actor_config.action_horizon or config.noise_critic.noise_shape != (h, actor_config.action_dim):
-            raise ValueError(
-                f"critics see chunks {config.chunk_critic.chunk_shape} and noise {config.noise_critic.noise_shape}, "
-                f"the actor emits [{actor_config.action_horizon}, {actor_config.action_dim}]: build the learner "
-                "config for this actor")
-        schedule = config.filter_schedule
+        if config is not None:
+            h, a = config.chunk_critic.chunk_shape
+            if h != actor_config.action_horizon or config.noise_critic.noise_shape != (h, actor_config.action_dim):
+                raise ValueError(
+                    f"critics see chunks {config.chunk_critic.chunk_shape} and noise {config.noise_critic.noise_shape}, "
+                    f"the actor emits [{actor_config.action_horizon}, {actor_config.action_dim}]: build the learner "
+                    "config for this actor")
+        schedule = None if config is None else config.filter_schedule
         if schedule is not None and schedule.num_steps != num_steps:
             raise ValueError(f"the filter schedule is for {schedule.num_steps} denoising steps, the agent runs {num_steps}")
         self.policy = policy
         self.actor = policy.actor
         self.config = config
+        self.action_dim = LIBERO_ACTION_DIM if config is None else config.action_dim  # robot dims the rule emits
         self.num_steps = num_steps
         self._rng = jax.random.key(seed)
         self._units: UnitFlops | None = None
 
     # -- FLOPs -----------------------------------------------------------------------------------------
 
-    def unit_flops(self, learner: Learner) -> UnitFlops:
-        """Per-call FLOPs: analytic for π0.5 (prefix, one Euler step), XLA-counted for the critics (one state)."""
+    def unit_flops(self, learner: Learner | None) -> UnitFlops:
+        """Per-call FLOPs: analytic for π0.5 (prefix, one Euler step), XLA-counted for the critics (one state);
+        without a learner, the actor's alone."""
+        if learner is None:
+            return UnitFlops.for_pi05(self.actor.config)
         if self._units is None:
             cfg = self.config
             inputs = cfg.chunk_critic.encoder.example_inputs(1)
@@ -148,17 +159,27 @@ class Agent:
             self._units = UnitFlops.for_pi05(self.actor.config, noise_critic=q_dn, chunk_critic=q_a, edit=edit)
         return self._units
 
-    def decision_flops(self, learner: Learner, selection: SelectionConfig | None = None) -> DecisionFlops:
-        selection = selection or self.config.selection
-        schedule = self.config.filter_schedule if selection.uses_noise_critic else None
+    def decision_flops(self, learner: Learner | None, selection: SelectionConfig | None = None) -> DecisionFlops:
+        selection = self._selection(learner, selection)
+        schedule = self.config.filter_schedule if self.config is not None and selection.uses_noise_critic else None
         return decision_flops(selection, self.unit_flops(learner), num_steps=self.num_steps,
                               filter_schedule=schedule)
 
     # -- acting ----------------------------------------------------------------------------------------
 
+    def _selection(self, learner: Learner | None, selection: SelectionConfig | None) -> SelectionConfig:
+        """The rule to act by (the learner config's train rule by default); the base rule without critics."""
+        if self.config is None or learner is None:
+            selection = selection or SelectionConfig("base", num_candidates=1)
+            if selection.rule != "base":
+                raise ValueError(f"selection rule {selection.rule!r} needs critics: pass the learner (and build the "
+                                 "Agent with its config); without them only the 'base' rule acts")
+            return selection
+        return selection or self.config.selection
+
     def act(
         self,
-        learner: Learner,
+        learner: Learner | None,
         obs: Mapping[str, Any],
         *,
         selection: SelectionConfig | None = None,
@@ -174,7 +195,7 @@ class Agent:
 
     def act_batch(
         self,
-        learner: Learner,
+        learner: Learner | None,
         observations: Sequence[Mapping[str, Any]],
         *,
         selection: SelectionConfig | None = None,
@@ -193,7 +214,7 @@ class Agent:
         `timing_ms` is the whole batch's wall time; its `flops` are one state's.
         """
         cfg = self.config
-        selection = selection or cfg.selection
+        selection = self._selection(learner, selection)
         b = len(observations)
         size = b if batch_size is None else batch_size
         if b == 0 or size < b:
@@ -224,7 +245,7 @@ class Agent:
         observation = self.observations([observations[r] for r in rows])
         timing["input_transform"] += 1e3 * (time.perf_counter() - start)
         prefix: Prefix = timed("encode", self.actor.encode)(observation)
-        inputs = critic_inputs(cfg.chunk_critic.encoder, observation, prefix.features)
+        inputs = None if learner is None else critic_inputs(cfg.chunk_critic.encoder, observation, prefix.features)
         shape = (selection.num_candidates, actor_config.action_horizon, actor_config.action_dim)
         if noise is None:
             pool = jax.vmap(lambda k: jax.random.normal(k, shape))(k_noise)  # [size, N, H, A_model]
@@ -236,7 +257,7 @@ class Agent:
 
         def denoise(idx: jax.Array) -> jax.Array:  # [size, M] -> robot dims [size, M, H, A]
             seeds = jnp.take_along_axis(pool, idx[:, :, None, None], axis=1)
-            return self.actor.denoise(prefix, seeds, self.num_steps)[..., : cfg.action_dim]
+            return self.actor.denoise(prefix, seeds, self.num_steps)[..., : self.action_dim]
 
         fns = {
             "score_noise": timed("noise_critic", lambda x: _score_noise(learner, inputs, x, k_critic)),
@@ -244,7 +265,7 @@ class Agent:
             # Each row's own edit key, in place of the one `select` splits from the key it is given (row 0's).
             "edit": timed("edit", lambda _, c: _edit(learner, inputs, c, k_critic, edit_keys)),
         }
-        schedule = cfg.filter_schedule
+        schedule = None if cfg is None else cfg.filter_schedule
         if schedule is not None and selection.uses_noise_critic:
             score = timed("noise_critic", lambda x, t: _score_x_t(learner, inputs, x, jnp.float32(t), k_critic))
             advance = timed("denoise", pi05_advance(self.actor, prefix, self.num_steps))
@@ -252,7 +273,7 @@ class Agent:
             def filter_denoise(key: jax.Array, noise: jax.Array):
                 chunk, seed, visited = filter_and_denoise(schedule, key, noise, advance=advance, score=score,
                                                           temperature=selection.temperature)
-                return chunk[..., : cfg.action_dim], seed, visited["scores"][0]
+                return chunk[..., : self.action_dim], seed, visited["scores"][0]
 
             fns["filter_denoise"] = filter_denoise
         chosen = select(selection, k_sel[0], pool, denoise=timed("denoise", denoise), **fns)
@@ -263,7 +284,7 @@ class Agent:
         robot_actions = []
         for i in range(b):
             padded = np.zeros((actor_config.action_horizon, actor_config.action_dim), np.float32)
-            padded[:, : cfg.action_dim] = normalized[i]
+            padded[:, : self.action_dim] = normalized[i]
             out = self.policy.output_transform({"state": states[i], "actions": padded})
             robot_actions.append(np.asarray(out["actions"]))
         timing["output_transform"] += 1e3 * (time.perf_counter() - start)
@@ -287,7 +308,8 @@ class Agent:
         Padding every batch to `batch_size` keeps one compiled encode/denoise for episodes of any length.
         Includes the filter steps' x_t when the learner filters at several steps.
         """
-        steps = cached_steps(self.config.filter_schedule) if self.config.filter_schedule else ()
+        schedule = None if self.config is None else self.config.filter_schedule
+        steps = cached_steps(schedule) if schedule else ()
         b = int(np.asarray(observation.state).shape[0])
         parts = []
         for start in range(0, b, batch_size):

@@ -2,7 +2,7 @@
 
 `evaluate` runs `trials` episodes per task on the suite's init states 0..trials-1 (openpi's protocol uses 50)
 and writes per-task success to a JSON file atomically; `num_workers > 1` runs them in lockstep over env worker
-processes (`faster_vla.rollout`), with the same per-episode keys. A run's checkpoint acts with the run's
+processes (`faster_vla.libero.rollout`), with the same per-episode keys. A run's checkpoint acts with the run's
 own selection rule, greedily (its learner's critics and edit policy); the base policy acts with the `base`
 rule, which is exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90
 tasks worth fine-tuning on: those where the base policy scores within [low, high] (40–60 %).
@@ -19,15 +19,14 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from faster_vla.actor_source import ActorSource
-from faster_vla.agent import Agent
-from faster_vla.bundle import TunedPolicy, load_policy
-from faster_vla.finetune import CriticConfig, TrainConfig, learner_config, load_run, load_trained_actor
-from faster_vla.learner import Learner
-from faster_vla.libero_env import LiberoEnvConfig, check_libero_installed, resolve_task
-from faster_vla.rollout import check_num_workers, num_init_states, open_envs, run_episodes
-from faster_vla.run_log import atomic_write, ensure_writable_dir
-from faster_vla.selection import SelectionConfig
+from faster_vla.acting.actor_source import ActorSource
+from faster_vla.acting.agent import Agent
+from faster_vla.rl.learner import Learner
+from faster_vla.runs.loading import load_run, load_trained_actor
+from faster_vla.libero.env import LiberoEnvConfig, check_libero_installed, parse_task, resolve_task
+from faster_vla.libero.rollout import check_num_workers, init_state_keys, num_init_states, open_envs, run_episodes
+from faster_vla.shared.files import atomic_write, ensure_writable_dir
+from faster_vla.rl.selection import SelectionConfig
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -98,42 +97,44 @@ class SelectTasksConfig:
             raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
 
 
-def _task_arg(task: str) -> int | str:
-    return int(task) if task.strip().lstrip("-").isdigit() else task
+@dataclasses.dataclass(frozen=True)
+class Acting:
+    """What an evaluation acts with: the agent, its learner (None for the base rule) and the (greedy) rule."""
+
+    agent: Agent
+    learner: Learner | None
+    selection: SelectionConfig
+    description: str
 
 
-def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Scores the policy on every task; writes and returns {'tasks': {id: {...}}, 'mean_success': ...}."""
-    check_libero_installed()
-    tasks = [resolve_task(config.suite, _task_arg(t)) for t in config.tasks]  # bad names fail here, first
-    ensure_writable_dir(Path(config.output).expanduser().resolve().parent, "output folder")
+def acting_for(config: EvalConfig) -> Acting:
+    """The run's checkpoint (its rule, greedy, and its tuned actor if it trained one) or the base policy. A
+    bundle is loaded by the caller (`faster_vla.launch.evaluate`: bundles are the serving layer's)."""
     if config.bundle is not None:
-        tuned = load_policy(config.bundle, seed=config.seed)
-        if not isinstance(tuned, TunedPolicy):
-            raise ValueError(f"{config.bundle} is an openpi checkpoint, not a bundle: evaluate it with "
-                             "--actor.checkpoint")
-        agent, learner, selection = tuned.agent, tuned.learner, tuned.selection
-        what = f"bundle {config.bundle} ({selection.rule})"
-    elif config.run_dir is not None:
+        raise ValueError("--bundle: a bundle is loaded by the serving layer; evaluate it with `faster-vla eval "
+                         "--bundle` (it passes make_acting=faster_vla.launch.evaluate.bundle_acting)")
+    if config.run_dir is not None:
         train_config, learner, episode = load_run(config.run_dir, config.checkpoint)
-        source, selection = train_config.actor, dataclasses.replace(train_config.selection, temperature=0.0)
-        lconfig = learner.config
-        what = f"run {config.run_dir} checkpoint {episode} ({selection.rule})"
-    else:
-        source, selection = config.actor, SelectionConfig("base", num_candidates=1)
-        what = f"base policy {config.actor.preset}"
-    if config.bundle is None:
-        policy = source.build(policy_seed=config.seed)
-        if config.run_dir is not None:
-            load_trained_actor(config.run_dir, train_config, episode, policy)  # its tuned actor, if it trained one
-        else:
-            # The base rule calls no critic: the smallest ones (building the default ~20M-parameter critics
-            # took ~1 min on CPU for nothing).
-            unused = CriticConfig(hidden_dims=(8,), num_members=2, feature_proj_dim=8, state_embed_dim=8)
-            tconfig = TrainConfig(actor=source, selection=selection, critics=unused)
-            lconfig = learner_config(tconfig, policy.actor.config)
-            learner = Learner.create(lconfig, lconfig.chunk_critic.encoder.example_inputs(1), seed=0)
-        agent = Agent(policy, lconfig, seed=config.seed)
+        selection = dataclasses.replace(train_config.selection, temperature=0.0)
+        policy = train_config.actor.build(policy_seed=config.seed)
+        load_trained_actor(config.run_dir, train_config, episode, policy)  # its tuned actor, if it trained one
+        return Acting(Agent(policy, learner.config, seed=config.seed), learner, selection,
+                      f"run {config.run_dir} checkpoint {episode} ({selection.rule})")
+    policy = config.actor.build(policy_seed=config.seed)
+    return Acting(Agent(policy, seed=config.seed), None, SelectionConfig("base", num_candidates=1),
+                  f"base policy {config.actor.preset}")  # the base rule calls no critic
+
+
+def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
+             make_acting: Callable[[EvalConfig], Acting] | None = None) -> dict[str, Any]:
+    """Scores the policy on every task; writes and returns {'tasks': {id: {...}}, 'mean_success': ...}.
+    `make_acting` builds what acts (default `acting_for`; `faster-vla eval --bundle` passes the bundle's), after
+    bad task names and an unwritable output have failed, so they fail before any model is built."""
+    check_libero_installed()
+    tasks = [resolve_task(config.suite, parse_task(t)) for t in config.tasks]  # bad names fail here, first
+    ensure_writable_dir(Path(config.output).expanduser().resolve().parent, "output folder")
+    acting = (make_acting or acting_for)(config)
+    agent, learner, selection, what = acting.agent, acting.learner, acting.selection, acting.description
     results: dict[str, Any] = {}
     # Camera images reach the policy at its own input size (resize-with-pad in the env, as in openpi's LIBERO
     # example and the recorded demonstrations), not resized twice.
@@ -143,13 +144,13 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print) -> dict[
                                      seed=config.seed, render_mode=config.render_mode, image_size=image_size)
         with open_envs(env_config, min(config.num_workers, config.trials)) as env:
             init_states = range(min(config.trials, num_init_states(env)))
-            episodes = run_episodes(agent, learner, selection, env, init_states, jax.random.key(config.seed))
+            episodes = run_episodes(agent, learner, selection, env, init_state_keys(init_states, jax.random.key(config.seed)))
         successes = [e.success for e in episodes]
         rate = float(np.mean(successes))
         results[str(task.task_id)] = {"name": task.name, "instruction": task.instruction, "trials": len(successes),
                                       "successes": int(sum(successes)), "success_rate": rate,
                                       "ci95": wilson_interval(int(sum(successes)), len(successes)),
-                                      "episodes": [dataclasses.asdict(e) for e in episodes]}
+                                      "episodes": [e.summary() for e in episodes]}
         log(f"{what}: {config.suite} task {task.task_id} ({task.name}): {rate:.0%} of {len(successes)}")
     report = {"policy": what, "suite": config.suite, "max_steps": config.max_steps, "seed": config.seed, "tasks": results,
               "mean_success": float(np.mean([r["success_rate"] for r in results.values()]))}

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import jax
 
-from faster_vla.filtering import FilterSchedule
+from faster_vla.rl.filtering import FilterSchedule
 from faster_vla.policies import flops as actor_flops
 from faster_vla.policies.config import Pi05Config
-from faster_vla.selection import SelectionConfig
+from faster_vla.rl.selection import SelectionConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from faster_vla.policies.transforms import LIBERO_IMAGE_KEY, LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
-from faster_vla.run_log import NPZ_META_KEY, atomic_write, read_npz_meta
+from faster_vla.shared.files import NPZ_META_KEY, atomic_write, read_npz_meta
 
-FORMAT = "faster_vla.success_buffer"
+FORMAT = "faster_vla.acting.success_buffer"
 FORMAT_VERSION = 1
 PROMPT_KEY = "prompt"
 ARRAY_KEYS = (LIBERO_IMAGE_KEY, LIBERO_WRIST_IMAGE_KEY, LIBERO_STATE_KEY)

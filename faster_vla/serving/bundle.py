@@ -30,20 +30,21 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from faster_vla.actor_source import LIBERO_ASSETS, ActorSource
-from faster_vla.agent import Agent
-from faster_vla.finetune import TrainConfig, learner_config, load_run, load_trained_actor
-from faster_vla.learner import Learner
+from faster_vla.acting.actor_source import LIBERO_ASSETS, ActorSource
+from faster_vla.acting.agent import Agent
+from faster_vla.runs.config import TrainConfig, learner_config
+from faster_vla.runs.loading import load_run, load_trained_actor
+from faster_vla.rl.learner import Learner
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import restore_params, save_params
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import save_norm_stats
 from faster_vla.policies.policy import Policy, batch_bucket
-from faster_vla.run_log import from_jsonable, to_jsonable
-from faster_vla.selection import RULES, SelectionConfig
+from faster_vla.shared.jsonable import from_jsonable, to_jsonable
+from faster_vla.rl.selection import RULES, SelectionConfig
 
 BUNDLE_FILE = "faster_vla_bundle.json"
-BUNDLE_FORMAT = "faster_vla.bundle"
+BUNDLE_FORMAT = "faster_vla.serving.bundle"
 BUNDLE_VERSION = 1
 
 
@@ -100,7 +101,7 @@ def _acting_params(learner: Learner) -> dict:
 
 
 def _eval_success(run_dir: Path, episode: int) -> float | None:
-    from faster_vla.run_checkpoint import RunCheckpointer
+    from faster_vla.runs.checkpoint import RunCheckpointer
 
     return RunCheckpointer(run_dir / "checkpoints").eval_success(episode)
 
@@ -116,7 +117,7 @@ def _norm_stats(policy: Policy) -> dict:
 def _tokenizer_reference(source: ActorSource, bundle: Path) -> str | None:
     """Copies a local tokenizer into the bundle (returns its name); a remote or default one stays a reference."""
     from faster_vla import checkpoints
-    from faster_vla.actor_source import SHIPPED_TOKENIZER
+    from faster_vla.acting.actor_source import SHIPPED_TOKENIZER
 
     path = source.tokenizer
     if path is None and source.preset in SHIPPED_TOKENIZER:

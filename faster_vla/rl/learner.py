@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
-from faster_vla.compute import xla_flops
+from faster_vla.rl.flops import xla_flops
 from faster_vla.critics.edit_policy import (
     EditPolicy,
     EditPolicyConfig,
@@ -45,7 +45,7 @@ from faster_vla.critics.networks import (
     min_of_random_pair,
     polyak,
 )
-from faster_vla.filtering import (
+from faster_vla.rl.filtering import (
     AdvanceFn,
     FilterSchedule,
     cache_lookup,
@@ -54,7 +54,7 @@ from faster_vla.filtering import (
     filter_critic_loss,
     filter_td_targets,
 )
-from faster_vla.selection import Selection, SelectionConfig, pick_seed, select
+from faster_vla.rl.selection import Selection, SelectionConfig, pick_seed, select
 
 Params = Any
 Inputs = dict[str, jax.Array]  # critic inputs, e.g. {"features": [B, F], "state": [B, S]}

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from faster_vla.libero_env import LIBERO_ACTION_DIM, LiberoEnv
+from faster_vla.libero.env import LIBERO_ACTION_DIM, LiberoEnv
 
 POS_FULL_SCALE_M = 0.05  # OSC_POSE output_max for position: an action of 1 asks for 5 cm this step
 ROT_FULL_SCALE_RAD = 0.5  # OSC_POSE output_max for rotation

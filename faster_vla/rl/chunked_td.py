@@ -16,7 +16,7 @@ The rules, for a window of h steps starting at step t0 of an episode whose steps
 - a window that runs past `end` without a terminal (a time-limit-truncated episode: its next state after
   the cut is unknown) is *invalid* (`window_valid` False): it cannot be bootstrapped exactly, and its
   R/mask (R of the steps that exist, mask 0) are not a correct target. Such windows must be weighted out;
-  `faster_vla.replay.ReplayBuffer` never samples them. A window ending exactly at a truncation
+  `faster_vla.rl.replay.ReplayBuffer` never samples them. A window ending exactly at a truncation
   (t0 + h = end) is valid and bootstraps from the episode's final observation s_end.
 
 A window never crosses episodes: `end` is the episode's end; steps at or after it are never read as

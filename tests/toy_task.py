@@ -27,10 +27,10 @@ import numpy as np
 from faster_vla.critics.edit_policy import EditPolicyConfig
 from faster_vla.critics.encoders import EncoderConfig
 from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
-from faster_vla.learner import Learner, LearnerConfig
-from faster_vla.replay import ReplayBuffer
-from faster_vla.schedule import UpdateSchedule
-from faster_vla.selection import SelectionConfig
+from faster_vla.rl.learner import Learner, LearnerConfig
+from faster_vla.rl.batches import to_learner_batch
+from faster_vla.rl.replay import ReplayBuffer
+from faster_vla.rl.selection import SelectionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,23 +217,22 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
         if store:
             # The cache: every stored step (windows start anywhere) gets K seeds and the actor's chunks.
             noise, denoised = pool(np.stack(observations), rng)
-            replay.add_episode({"obs": np.stack(observations)}, np.stack(actions), np.asarray(rewards, np.float32),
+            obs = np.stack(observations)
+            replay.add_episode({"state": obs}, np.stack(actions), np.asarray(rewards, np.float32),
                                np.asarray(terminals), truncated=not terminals[-1],
-                               cache={"noise": noise, "denoised": denoised})
+                               cache={"noise": noise, "denoised": denoised,
+                                      "features": np.asarray(toy_features(jnp.asarray(obs)))})
         return float(np.sum(rewards)), bool(terminals[-1])
 
     train_env = ToyEnv(task, seed=run.seed)
-    schedule = UpdateSchedule("episode", updates_per_episode=run.updates_per_episode)
     for _ in range(run.episodes if run.rule != "base" else 0):  # nothing the base rule uses is learned
         key, sub = jax.random.split(key)
-        steps_before = replay.steps_added
         episode(train_env, learner, sub, store=True, rng=rng)
-        due = schedule.updates_due(steps_before=steps_before, steps_after=replay.steps_added, episode_done=True)
-        for _ in range(due):
+        for _ in range(run.updates_per_episode):
             if replay.num_windows(h) == 0:
                 break
             batch = replay.sample_windows(rng, run.utd * run.batch_size, h, config.gamma)
-            learner, _ = learner.update(_stack_minibatches(batch, run.utd))
+            learner, _ = learner.update(to_learner_batch(batch, run.utd))
 
     # Common random numbers: every rule is evaluated on the same start states and the same noise pools, so
     # differences between rules come from their choices, not from luck.
@@ -250,15 +249,5 @@ def train_and_evaluate(task: ToyTaskConfig, run: ToyRunConfig) -> dict[str, floa
 
 
 def _inputs(obs: jax.Array) -> dict[str, jax.Array]:
-    """Critic inputs for observations [B, 4]."""
+    """Critic inputs for observations [B, 4] (what `to_learner_batch` builds from the stored state and cache)."""
     return {"features": toy_features(obs), "state": obs}
-
-
-def _stack_minibatches(batch, utd: int) -> dict:
-    """A ChunkBatch of utd·B windows -> learner batch with every leaf [utd, B, ...]."""
-    split = lambda x: jnp.asarray(x).reshape(utd, -1, *x.shape[1:])  # noqa: E731
-    return jax.tree.map(split, {
-        "inputs": _inputs(jnp.asarray(batch.observations["obs"])),
-        "next_inputs": _inputs(jnp.asarray(batch.next_observations["obs"])), "actions": batch.actions, "returns": batch.returns,
-        "discount": batch.discount, "cache": batch.cache, "next_cache": batch.next_cache,
-    })

@@ -18,7 +18,7 @@ Episodes must end in exactly one way: by a terminal (success) at their last step
 `truncated` False; or by the time limit, `truncated` True and no terminal. A terminal before the last step
 is refused (the collector must cut the episode at its first terminal).
 
-Windows (the rules of `faster_vla.chunked_td`)
+Windows (the rules of `faster_vla.rl.chunked_td`)
 ----------------------------------------------
 A window of h steps may start at any step t of an episode, and never crosses into another episode.
 - Terminal inside (steps t..t+h-1 reach the terminal step k): R counts rewards up to and including step k,
@@ -72,10 +72,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from faster_vla import chunked_td
-from faster_vla.run_log import NPZ_META_KEY, atomic_write, read_npz_meta
+from faster_vla.rl import chunked_td
+from faster_vla.shared.files import NPZ_META_KEY, atomic_write, read_npz_meta
 
-FORMAT = "faster_vla.replay"
+FORMAT = "faster_vla.rl.replay"
 FORMAT_VERSION = 1
 
 _STEP_FIELDS = ("action", "reward", "terminal")
@@ -147,44 +147,6 @@ class FrozenActorCacheSpec:
                                  f"got {list(value.shape)}")
             if not np.issubdtype(value.dtype, np.floating):
                 raise ValueError(f"cache[{name!r}] must be floating point, got {value.dtype}")
-
-
-def draw_cache_noise(rng: np.random.Generator, num_rows: int, spec: FrozenActorCacheSpec) -> np.ndarray:
-    """float32 [num_rows, K, H, A] standard-normal initial noises, K per row."""
-    return rng.standard_normal((num_rows, spec.num_seeds, spec.action_horizon, spec.action_dim), np.float32)
-
-
-def frozen_actor_cache(
-    actor: Any, obs: Any, noise: Any, *, num_steps: int = 10, intermediate_steps: tuple[int, ...] = ()
-) -> dict[str, np.ndarray]:
-    """The cache rows of a batch of observations: encode once, denoise all K noises against that prefix.
-
-    actor: a `Pi05Actor` (anything with `encode(obs) -> prefix with .features [b, F]` and
-    `denoise(prefix, noise [b, K, H, A], num_steps, return_intermediates=) -> [b, K, H, A]`); obs: a batch of b
-    observations (e.g. an episode's T + 1); noise [b, K, H, A]. Returns float32 numpy {'features' [b, F],
-    'noise' [b, K, H, A], 'denoised' [b, K, H, A]}, plus 'x_t' [b, K, S, H, A] at `intermediate_steps` when
-    given; 'denoised'[:, k] is the actor's chunk for noise k. The intermediates come from the same denoise.
-    """
-    noise = np.asarray(noise, np.float32)
-    if noise.ndim != 4:
-        raise ValueError(f"noise must be [batch, K, horizon, action_dim], got shape {list(noise.shape)}")
-    steps = tuple(int(k) for k in intermediate_steps)
-    if any(not 0 < k < num_steps for k in steps):
-        raise ValueError(f"intermediate_steps must lie strictly between 0 and num_steps={num_steps}, got {steps}")
-    prefix = actor.encode(obs)
-    features = np.asarray(prefix.features, np.float32)
-    cache = {"features": features, "noise": noise}
-    if steps:
-        denoised, trajectory = actor.denoise(prefix, noise, num_steps=num_steps, return_intermediates=True)
-        # trajectory.x_t [T + 1, b, K, H, A] -> [b, K, S, H, A]
-        cache["x_t"] = np.moveaxis(np.asarray(trajectory.x_t, np.float32)[list(steps)], 0, 2)
-    else:
-        denoised = actor.denoise(prefix, noise, num_steps=num_steps)
-    cache["denoised"] = np.asarray(denoised, np.float32)
-    if features.shape[0] != noise.shape[0] or cache["denoised"].shape != noise.shape:
-        raise ValueError(f"actor returned features {list(features.shape)} and chunks {list(cache['denoised'].shape)} "
-                         f"for noise {list(noise.shape)}")
-    return cache
 
 
 # -- batches and episodes ---------------------------------------------------------------------------------

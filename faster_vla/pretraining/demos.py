@@ -42,10 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from faster_vla.experts import EXPERTS, ExpertConfig, expert_for
-from faster_vla.libero_env import LiberoEnv, LiberoEnvConfig, check_libero_installed, resolve_task
+from faster_vla.libero.experts import EXPERTS, ExpertConfig, expert_for
+from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig, check_libero_installed, parse_task, resolve_task
 from faster_vla.policies.transforms import LIBERO_IMAGE_KEY, LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
-from faster_vla.run_log import atomic_write, to_jsonable
+from faster_vla.shared.files import atomic_write
+from faster_vla.shared.jsonable import to_jsonable
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,7 +59,7 @@ class DemoFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RecordConfig:
-    """Record scripted-expert demonstrations of libero_90 tasks (see faster_vla.demos for the format)."""
+    """Record scripted-expert demonstrations of libero_90 tasks (see faster_vla.pretraining.demos for the format)."""
 
     output: Path = Path("demos/libero90_scripted")
     """Folder to create; refused if it exists, unless --force."""
@@ -92,10 +93,6 @@ class RecordConfig:
             raise ValueError("tasks is empty; name at least one scripted task")
 
 
-def _task_arg(task: str) -> int | str:
-    return int(task) if str(task).isdigit() else task
-
-
 def _episode_rng(seed: int, task_id: int, episode: int) -> np.random.Generator:
     return np.random.default_rng([seed, task_id, episode])
 
@@ -103,7 +100,7 @@ def _episode_rng(seed: int, task_id: int, episode: int) -> np.random.Generator:
 def record_task(config: RecordConfig, task: str, folder: Path,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Records `config.episodes` expert episodes of one task into `folder`/<task name>/; its manifest entry."""
-    env = LiberoEnv(LiberoEnvConfig(suite=config.suite, task=_task_arg(task), resolution=config.resolution,
+    env = LiberoEnv(LiberoEnvConfig(suite=config.suite, task=parse_task(task), resolution=config.resolution,
                                     image_size=config.image_size, seed=config.seed, render_mode="none"))
     try:
         expert = expert_for(env.task.name, config.expert)
@@ -160,7 +157,7 @@ def record_demos(config: RecordConfig, log: Callable[[str], None] = print) -> di
     check_libero_installed()
     output = Path(config.output).expanduser().absolute()
     for task in config.tasks:  # unknown tasks or tasks without an expert fail here, before any episode
-        expert_for(resolve_task(config.suite, _task_arg(task)).name)
+        expert_for(resolve_task(config.suite, parse_task(task)).name)
     if output.exists() and not config.force:
         raise FileExistsError(f"{output} exists; choose another --output or pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)

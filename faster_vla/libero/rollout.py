@@ -1,0 +1,218 @@
+"""The one episode loop: episodes on given init states, in one env or in lockstep over env worker processes.
+
+Training is rollout + store (`faster_vla.runs.run.Run.collect`), evaluation is rollout + count
+(`Run.evaluate`, `faster-vla eval`, `select-tasks`): both call `run_episodes`, which returns a `Trajectory` per
+episode — its outcome, the decisions' FLOPs and timing and, when asked (`record`), the observations at the rows
+replay needs and the executed chunks.
+
+On CPU an env step is mostly rendering (~120-170 ms per rendered step, one core each), so an `EnvPool` of
+worker processes steps episodes in lockstep: each round, the observations of every live episode are stacked
+and the agent acts once on the batch (one encode, one denoise), then every worker executes its own chunk; an
+episode that ends frees its worker for the next one.
+
+An episode's randomness depends only on its own key (split once per decision), and `Agent.act_batch` gives
+each row its own noise pool, ensemble pairs and edit draw. The envs reset deterministically per init state
+(`LiberoEnv.reset`). So which worker runs an episode, and which episodes share its batches, changes its chunks
+only by float rounding: XLA rounds a batch of 1 (matrix-vector products) differently from larger ones, ~1e-7
+in a chunk, which the simulator carries into later observations; a long episode that is a near-tie can
+therefore end differently.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from faster_vla.acting.agent import Agent, Decision
+from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig, make_libero_pool
+from faster_vla.libero.env_pool import EnvPool, EnvWorkerError
+from faster_vla.rl.learner import Learner
+from faster_vla.rl.selection import SelectionConfig
+
+WORKER_HINT = ("each worker is one LIBERO env process needing ~2 GB of RAM (rendering dominates its CPU time); "
+               "a worker killed by a signal (negative exit code, e.g. -9) is often out of memory: lower --num-workers")
+
+Record = Literal["none", "chunk", "step"]
+"""What a trajectory keeps: nothing but counts (evaluation); the observation at every decision and the final one
+(windows at chunk boundaries); or the observation after every step (every sliding window; the env must render
+every step)."""
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """One finished episode.
+
+    With `record` "chunk" or "step", `observations[i]` is the raw env observation at env step `rows[i]` (0 is
+    the reset; the last is the final observation), `decision_rows` are the rows the agent acted at, `chunks`
+    the executed chunks in robot units [H_i, 7] (H_i < H when the episode ended inside a chunk; the full
+    decided chunk is kept: it is the actor's flow-loss target), `actions` [steps, A] the executed actions in the
+    learner's normalised space and `rewards` [steps]; with "none" these stay empty.
+    """
+
+    init_state: int
+    success: bool
+    steps: int
+    acting_flops: float = 0.0
+    timing_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    observations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rows: list[int] = dataclasses.field(default_factory=list)
+    decision_rows: list[int] = dataclasses.field(default_factory=list)
+    chunks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    actions: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
+    key: jax.Array | None = None
+    """The episode's key after its decisions' splits: a stream the caller may go on drawing from (training
+    draws the cache noises from it), independent of every decision's key."""
+
+    def summary(self) -> dict[str, Any]:
+        """The outcome alone (what an eval report lists per episode)."""
+        return {"init_state": self.init_state, "success": self.success, "steps": self.steps}
+
+    def decision_observations(self) -> list[dict[str, Any]]:
+        """The observation each decision was made on, in order (recorded trajectories only)."""
+        at = dict(zip(self.rows, self.observations))
+        return [at[r] for r in self.decision_rows]
+
+
+def check_num_workers(num_workers: int, flag: str = "num_workers") -> None:
+    """Raises a ValueError naming `flag` unless num_workers is an int >= 1 (1: one env in this process)."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"{flag} must be an integer >= 1 (1: one env in this process), got {num_workers!r}")
+
+
+def open_envs(config: LiberoEnvConfig, num_workers: int) -> LiberoEnv | EnvPool:
+    """One env in this process (num_workers 1), or an `EnvPool` of that many worker processes; close it after."""
+    check_num_workers(num_workers)
+    return LiberoEnv(config) if num_workers == 1 else make_libero_pool(config, num_workers)
+
+
+def num_init_states(env: LiberoEnv | EnvPool) -> int:
+    """How many fixed init states the task has (libero_90: 50), read from the env or the pool's first worker."""
+    if isinstance(env, EnvPool):  # a property, read through the pool's generic method call
+        return int(env.call("__getattribute__", [("num_init_states",)] + [None] * (env.num_workers - 1))[0])
+    return env.num_init_states
+
+
+def init_state_keys(init_states: Sequence[int], key: jax.Array) -> list[tuple[int, jax.Array]]:
+    """Evaluation's episodes: init state i with key `fold_in(key, i)`, whatever runs it and in which order."""
+    return [(int(i), jax.random.fold_in(key, int(i))) for i in init_states]
+
+
+class _Live:
+    """An episode in progress (on the env, or on one pool worker)."""
+
+    def __init__(self, position: int, init_state: int, key: jax.Array, record: Record) -> None:
+        self.position, self.key, self.record = position, key, record
+        self.trajectory = Trajectory(init_state, False, 0, key=key)
+        self.obs: Any = None
+
+    def start(self, obs: dict[str, Any]) -> None:
+        self.obs = obs
+        if self.record != "none":
+            self.trajectory.observations.append(obs)
+            self.trajectory.rows.append(0)
+
+    def next_key(self) -> jax.Array:
+        self.key, sub = jax.random.split(self.key)
+        self.trajectory.key = self.key
+        return sub
+
+    def advance(self, decision: Decision, result: Any) -> bool:
+        """Adds one executed chunk; True when the episode is over."""
+        t = self.trajectory
+        n = result.num_steps
+        if self.record != "none":
+            t.decision_rows.append(t.steps)
+            t.chunks.append(decision.actions)
+            t.actions.append(decision.normalized[:n])
+            t.rewards.append(result.rewards)
+            if self.record == "step":
+                if "observations" not in result.info:
+                    raise RuntimeError("record='step' needs the env to return every step's observation "
+                                       "(info['observations']): set --env.render-mode every_step")
+                t.observations.extend(result.info["observations"])
+                t.rows.extend(range(t.steps + 1, t.steps + n + 1))
+            else:
+                t.observations.append(result.obs)
+                t.rows.append(t.steps + n)
+        t.steps += n
+        t.acting_flops += decision.flops.total
+        for part, ms in decision.timing_ms.items():
+            t.timing_ms[part] = t.timing_ms.get(part, 0.0) + ms
+        self.obs = result.obs
+        t.success = bool(result.done)
+        return bool(result.done or result.truncated)
+
+
+def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConfig, env: LiberoEnv | EnvPool,
+                 episodes: Sequence[tuple[int, jax.Array]], *, record: Record = "none") -> list[Trajectory]:
+    """One episode per (init state, key), returned in that order; in `env` one after another, or in lockstep
+    over a pool. Episode i's decisions use keys split from its own key, whichever way it runs. `learner` may be
+    None for the base rule, which calls no critic."""
+    if record not in ("none", "chunk", "step"):
+        raise ValueError(f"record must be 'none', 'chunk' or 'step', got {record!r}")
+    episodes = [(int(i), k) for i, k in episodes]
+    if isinstance(env, EnvPool):
+        return _run_lockstep(agent, learner, selection, env, episodes, record)
+    out = []
+    for position, (init_state, key) in enumerate(episodes):
+        live = _Live(position, init_state, key, record)
+        live.start(env.reset(init_state))
+        over = False
+        while not over:
+            decision = agent.act(learner, live.obs, selection=selection, rng=live.next_key())
+            over = live.advance(decision, env.step_chunk(decision.actions))
+        out.append(live.trajectory)
+    return out
+
+
+def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionConfig, pool: EnvPool,
+                  episodes: list[tuple[int, jax.Array]], record: Record) -> list[Trajectory]:
+    """Every worker runs one episode at a time; each round the agent acts once on all live episodes."""
+    workers = pool.num_workers
+    queue = collections.deque(enumerate(episodes))
+    live: dict[int, _Live] = {}  # worker -> its episode
+    results: list[Trajectory | None] = [None] * len(episodes)
+
+    def start_idle() -> None:  # idle workers take the next episodes; their resets run in parallel
+        starts: list[int | None] = [None] * workers
+        for w in range(workers):
+            if w not in live and queue:
+                position, (init_state, key) = queue.popleft()
+                live[w] = _Live(position, init_state, key, record)
+                starts[w] = init_state
+        if any(s is not None for s in starts):
+            for w, obs in enumerate(pool.reset(starts)):
+                if obs is not None:
+                    live[w].start(obs)
+
+    try:
+        start_idle()
+        while live:
+            order = sorted(live)
+            rngs = [live[w].next_key() for w in order]
+            # Padded to the pool's size: one compiled batch shape however many episodes are still running.
+            decisions = agent.act_batch(learner, [live[w].obs for w in order], selection=selection, rngs=rngs,
+                                        batch_size=workers)
+            actions: list[Any] = [None] * workers
+            by_worker = dict(zip(order, decisions))
+            for w, decision in by_worker.items():
+                actions[w] = decision.actions
+            for w, result in enumerate(pool.step_chunk(actions)):
+                if result is None:
+                    continue
+                if live[w].advance(by_worker[w], result):
+                    results[live[w].position] = live.pop(w).trajectory
+            start_idle()
+    except EnvWorkerError as exc:
+        running = live.get(exc.worker)
+        if running is not None:
+            exc.add_note(f"worker {exc.worker} was running init state {running.trajectory.init_state}")
+        exc.add_note(WORKER_HINT)
+        raise
+    return [r for r in results if r is not None]

@@ -1,0 +1,232 @@
+"""One fine-tuning run's pieces: the policy, agent, learner, replay, counters and checkpointer, built and
+checked before anything expensive happens; a training episode (rollout + store), updates, the actor's
+flow-loss steps, greedy evaluation (rollout + count), save and restore. The loop is `faster_vla.runs.loop`.
+
+With `actor_update="success_bc"` (EXPO's π0.5 recipe) the action expert also learns: every successful
+training episode's (observation, executed chunk) pairs go to a `SuccessBuffer`, and after the learner's
+updates the actor takes flow-loss steps on them and acts with their EMA. Replay rows keep the chunks the
+actor produced when they were stored (their prefix features stay exact: the VLM is frozen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from faster_vla.acting.agent import Agent, critic_inputs
+from faster_vla.acting.flow_trainer import ActorTrainer
+from faster_vla.acting.success_buffer import SuccessBuffer
+from faster_vla.libero.env import LiberoEnv, check_libero_installed, make_libero_pool, resolve_task
+from faster_vla.libero.env_pool import EnvPool
+from faster_vla.libero.rollout import Trajectory, init_state_keys, run_episodes
+from faster_vla.policies import flops as actor_flops
+from faster_vla.rl.batches import to_learner_batch
+from faster_vla.rl.filtering import cached_steps
+from faster_vla.rl.learner import Learner
+from faster_vla.rl.replay import FrozenActorCacheSpec, ReplayBuffer
+from faster_vla.runs.checkpoint import RunCheckpointer
+from faster_vla.runs.config import TrainConfig, learner_config
+from faster_vla.shared.checks import raise_if_non_finite
+from faster_vla.shared.files import ensure_writable_dir
+
+EVAL_KEY_OFFSET = 1_000_003
+"""A run's evaluations draw from key(seed + this): apart from its training episodes' keys, the same every time."""
+
+
+@dataclasses.dataclass
+class Counters:
+    """Cumulative run counters (saved in every checkpoint)."""
+
+    episodes: int = 0
+    env_steps: int = 0
+    successes: int = 0
+    updates: int = 0
+    acting_flops: float = 0.0
+    cache_flops: float = 0.0
+    update_flops: float = 0.0
+    actor_updates: int = 0  # the actor's flow-loss steps (--actor-update success_bc)
+    actor_update_flops: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return self.acting_flops + self.cache_flops + self.update_flops + self.actor_update_flops
+
+
+class Run:
+    """The pieces of one run, built and checked before anything expensive happens."""
+
+    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.log = log
+        ensure_writable_dir(config.run_dir)
+        check_libero_installed()
+        resolve_task(config.env.suite, config.env.task)
+        config.env.episode_max_steps()
+        config.actor.check()
+        train_actor = config.actor_update == "success_bc"
+        self.policy = config.actor.build(num_steps=config.num_steps, policy_seed=config.seed, trainable=train_actor)
+        actor_config = self.policy.actor.config
+        # The trained actor and what it learns from (None: the actor stays frozen).
+        self.actor_trainer: ActorTrainer | None = None
+        self.successes: SuccessBuffer | None = None
+        if train_actor:
+            self.actor_trainer = ActorTrainer.create(self.policy.actor.params, config.actor_optimizer, seed=config.seed)
+            self.successes = SuccessBuffer(config.success_capacity)
+        self.learner_config = learner_config(config, actor_config)
+        self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed)
+        self.horizon = actor_config.action_horizon
+        self.stride = self.horizon if config.window_starts == "chunk" else 1
+        schedule = self.learner_config.filter_schedule
+        self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.selection.num_candidates,
+                                                           cached_steps(schedule) if schedule else ())
+        self.uses_features = self.learner_config.chunk_critic.encoder.kind == "backbone"
+        self.last_cache_flops = 0.0
+        self.eval_selection = dataclasses.replace(config.selection, temperature=0.0)
+        example = self.learner_config.chunk_critic.encoder.example_inputs(1)
+        self.learner = Learner.create(self.learner_config, example, seed=config.seed)
+        self.replay = ReplayBuffer(config.replay_capacity, cache_spec=self.cache_spec)
+        self.sample_rng = np.random.default_rng([config.seed, 1])
+        self.counters = Counters()
+        self.checkpointer = RunCheckpointer(config.run_dir / "checkpoints", keep_last=config.keep_last,
+                                            keep_best=config.keep_best)
+        self._update_flops: float | None = None
+        self._eval_envs: EnvPool | None = None  # eval worker processes, when eval_num_workers > 1
+        self._cache_row_flops = float(actor_flops.prefix_flops(actor_config) + config.selection.num_candidates
+                                      * config.num_steps * actor_flops.denoise_flops(actor_config, num_candidates=1,
+                                                                                     num_steps=1))
+        # One flow-loss step (analytic, as acting's actor FLOPs): the prefix forward per example, and the
+        # suffix (one velocity evaluation over the chunk) forward plus backward, ≈ 3× its forward.
+        self._actor_step_flops = float(config.actor_optimizer.batch_size * (
+            actor_flops.prefix_flops(actor_config)
+            + 3 * actor_flops.denoise_flops(actor_config, num_candidates=1, num_steps=1)))
+
+    # -- one training episode: rollout + store ---------------------------------------------------------------
+
+    def collect(self, env: LiberoEnv, init_state: int, key: jax.Array) -> Trajectory:
+        """Runs one training episode with the train-time rule and stores it: replay (with the frozen-actor
+        cache of its observed rows) unless the rule learns nothing, and the success buffer when the actor
+        trains. Returns its trajectory (`cache_flops` set)."""
+        record = "step" if self.stride == 1 else "chunk"
+        trajectory = run_episodes(self.agent, self.learner, self.config.selection, env, [(init_state, key)],
+                                  record=record)[0]
+        if trajectory.success and self.successes is not None:
+            self.successes.add_episode(trajectory.decision_observations(), np.stack(trajectory.chunks))
+        self.last_cache_flops = 0.0
+        if self.config.selection.rule != "base":  # nothing the base rule uses is learned
+            self.last_cache_flops = self._store(trajectory, trajectory.key)
+        return trajectory
+
+    def _store(self, trajectory: Trajectory, key: jax.Array) -> float:
+        """Adds one episode to replay. The acting side computes the frozen-actor cache of the rows a window can
+        start or bootstrap at (`Agent.cache`); replay only stores it. Returns the cache's FLOPs."""
+        actions = np.concatenate(trajectory.actions).astype(np.float32)
+        rewards = np.concatenate(trajectory.rewards).astype(np.float32)
+        length = len(actions)
+        observed_rows = np.asarray(trajectory.rows)
+        model_obs = self.agent.observations(trajectory.observations)
+        spec = self.cache_spec
+        noise = np.asarray(jax.random.normal(key, (len(observed_rows), spec.num_seeds, spec.action_horizon,
+                                                  spec.action_dim)), np.float32)
+        cache_rows = self.agent.cache(model_obs, noise, batch_size=self.config.cache_batch)
+        inputs = critic_inputs(self.learner_config.chunk_critic.encoder, model_obs, cache_rows["features"])
+        stored = {k: np.asarray(v) for k, v in inputs.items() if k != "features"}  # state, and images if read
+        # Scatter the observed rows into per-step arrays; unobserved rows are never a window's s_t or s_{t+h}.
+        full_obs = {k: np.zeros((length + 1, *v.shape[1:]), v.dtype) for k, v in stored.items()}
+        full_cache = {k: np.zeros((length + 1, *v.shape[1:]), np.float32) for k, v in cache_rows.items()}
+        for k, v in stored.items():
+            full_obs[k][observed_rows] = v
+        for k, v in cache_rows.items():
+            full_cache[k][observed_rows] = v
+        terminals = np.zeros(length, bool)
+        terminals[-1] = trajectory.success
+        self.replay.add_episode(full_obs, actions, rewards, terminals, truncated=not trajectory.success,
+                                cache=full_cache)
+        return self._cache_row_flops * len(observed_rows)
+
+    # -- updates -------------------------------------------------------------------------------------------
+
+    def update(self) -> dict[str, float]:
+        """One learner update on utd·B windows; raises NonFiniteLossError on a NaN/Inf."""
+        cfg = self.config
+        windows = self.replay.sample_windows(self.sample_rng, cfg.utd * cfg.batch_size, self.horizon, cfg.gamma,
+                                             stride=self.stride)
+        batch = to_learner_batch(windows, cfg.utd, features=self.uses_features)
+        if self._update_flops is None:
+            self._update_flops = float(self.learner.update_flops(batch))
+        learner, info = self.learner.update(batch)
+        info = {k: float(v) for k, v in info.items()}
+        raise_if_non_finite(info, f"update {self.counters.updates + 1}",
+                            f"the run stops; its last good checkpoint is in {self.checkpointer.directory}. Lower "
+                            "--learning-rate or check the rewards and actions.")
+        self.learner = learner
+        self.counters.updates += 1
+        self.counters.update_flops += self._update_flops
+        return info
+
+    def update_actor(self, updates: int) -> list[dict[str, float]]:
+        """`updates` × steps_per_update flow-loss steps of the action expert on successful chunks, then the
+        actor acts with the result (its EMA); nothing before the first success. Raises NonFiniteLossError."""
+        if self.actor_trainer is None or self.successes is None or len(self.successes) == 0:
+            return []
+        cfg = self.config.actor_optimizer
+        trainer, infos = self.actor_trainer, []
+        for _ in range(updates * cfg.steps_per_update):
+            observation, actions = self.policy.to_training_batch(self.successes.sample(self.sample_rng,
+                                                                                       cfg.batch_size))
+            trainer, info = trainer.update(self.policy.actor, observation, actions)
+            infos.append(info)
+        infos = [{k: float(v) for k, v in i.items()} for i in infos]
+        raise_if_non_finite(infos, f"actor update {self.counters.actor_updates + 1}",
+                            f"the run stops; its last good checkpoint is in {self.checkpointer.directory}. Lower "
+                            "--actor-optimizer.learning-rate.")
+        self.actor_trainer = trainer
+        self.policy.actor.params = trainer.acting_params  # the agent, evaluation and caching act with it
+        self.counters.actor_updates += len(infos)
+        self.counters.actor_update_flops += self._actor_step_flops * len(infos)
+        return infos
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, env: LiberoEnv) -> float:
+        """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env`, or over
+        the eval worker processes when eval_num_workers > 1."""
+        n = min(self.config.eval_episodes, env.num_init_states)
+        workers = min(self.config.eval_num_workers, n)
+        if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
+            self._eval_envs = make_libero_pool(self.config.env, workers)
+        envs = env if workers == 1 else self._eval_envs
+        episodes = init_state_keys(range(n), jax.random.key(self.config.seed + EVAL_KEY_OFFSET))
+        results = run_episodes(self.agent, self.learner, self.eval_selection, envs, episodes)
+        return float(np.mean([r.success for r in results]))
+
+    def close(self) -> None:
+        """Stops the eval worker processes, if any were started."""
+        if self._eval_envs is not None:
+            self._eval_envs.close()
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def save(self, eval_success: float | None) -> None:
+        self.checkpointer.save(self.counters.episodes, self.learner, self.replay, self.sample_rng,
+                               dataclasses.asdict(self.counters), eval_success=eval_success,
+                               actor=self.actor_trainer, successes=self.successes)
+
+    def restore(self) -> bool:
+        """Loads the latest checkpoint into this run; False when there is none."""
+        restored = self.checkpointer.restore_latest(self.learner)
+        if restored is None:
+            return False
+        self.learner, self.replay = restored.learner, restored.replay
+        self.sample_rng = np.random.default_rng()
+        self.sample_rng.bit_generator.state = restored.rng_state
+        self.counters = Counters(**restored.counters)
+        actor = self.checkpointer.restore_actor(restored.episode, self.actor_trainer)
+        if actor is not None:
+            self.actor_trainer, self.successes = actor
+            self.policy.actor.params = self.actor_trainer.acting_params
+        return True
+
