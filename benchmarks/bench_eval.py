@@ -25,7 +25,7 @@ from bench_common import cpu_model, write_result
 from faster_vla.acting.actor_source import ActorSource
 from faster_vla.acting.agent import Agent
 from faster_vla.runs.config import learner_config
-from faster_vla.launch.train import TRAIN_CONFIGS
+from faster_vla.runs.config import TRAIN_CONFIGS
 from faster_vla.rl.learner import Learner
 from faster_vla.libero.env import LiberoEnvConfig
 from faster_vla.libero.rollout import init_state_keys, open_envs, run_episodes

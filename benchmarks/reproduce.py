@@ -39,7 +39,7 @@ from bench_common import cpu_model, write_result
 from faster_vla.runs.config import TrainConfig
 from faster_vla.runs.loop import train
 from faster_vla.runs.run import Run
-from faster_vla.launch.train import TRAIN_CONFIGS
+from faster_vla.runs.config import TRAIN_CONFIGS
 from faster_vla.libero.env import LiberoEnv
 from faster_vla.runs.checkpoint import RunCheckpointer
 from faster_vla.runs.logger import figure_png, read_metrics

@@ -81,7 +81,7 @@ def test_success_buffer_rejects_bad_input(tmp_path):
 
 
 def test_config_rejects_a_trained_vlm_and_no_images():
-    from faster_vla.launch.train import TRAIN_CONFIGS
+    from faster_vla.runs.config import TRAIN_CONFIGS
 
     base = TRAIN_CONFIGS["cpu_small_faster_expo"][1]
     with pytest.raises(ValueError, match="trainable action_expert"):
@@ -100,7 +100,7 @@ def test_run_trains_the_actor_checkpoints_resumes_and_exports_it(tmp_path):
     from faster_vla.serving.bundle import export_bundle
     from faster_vla.runs.loop import train
     from faster_vla.runs.run import Run
-    from faster_vla.launch.train import TRAIN_CONFIGS
+    from faster_vla.runs.config import TRAIN_CONFIGS
     from faster_vla.policies.checkpoint import restore_params
     from faster_vla.runs.checkpoint import RunCheckpointError
     from faster_vla.runs.logger import RunLogger

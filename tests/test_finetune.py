@@ -19,7 +19,7 @@ pytest.importorskip("libero.libero", reason="the LIBERO extra is not installed: 
 from faster_vla.runs.evaluate import EvalConfig, evaluate  # noqa: E402
 from faster_vla.runs.config import TrainConfig  # noqa: E402
 from faster_vla.runs.loop import train
-from faster_vla.launch.train import TRAIN_CONFIGS  # noqa: E402
+from faster_vla.runs.config import TRAIN_CONFIGS  # noqa: E402
 from faster_vla.runs.checkpoint import RunCheckpointer  # noqa: E402
 from faster_vla.shared.jsonable import from_jsonable  # noqa: E402
 
