@@ -1,0 +1,112 @@
+"""The fine-tuning loop (the paper's VLA protocol, §5.3 and appendix B).
+
+One episode at a time: act with the train-time selection rule, executing whole chunks; store the episode
+with the frozen-actor cache of every state a window can start or bootstrap at; run the learner's updates
+(episode-wise: U updates of UTD critic steps each); every K episodes evaluate greedily on a fixed set of the
+suite's init states; log, plot and checkpoint. Counters: env steps, episodes, successes, and FLOPs split into
+acting, caching and updates (cumulative: the paper's Fig. 7 x-axis).
+
+Everything a resume needs is in the run checkpoint (learner, replay with its cache, sampling RNG, counters,
+and the actor trainer with its success buffer when the actor trains); per-episode randomness (init state,
+noises) derives from (seed, episode), so a resumed run continues exactly as an uninterrupted one would from
+that checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from faster_vla.libero.env import LiberoEnv
+from faster_vla.runs.config import TrainConfig
+from faster_vla.runs.logger import RunLogger
+from faster_vla.runs.run import Run
+
+RECENT_EPISODES = 20
+"""Episodes in the moving success rate `train/recent_success_rate`: the cumulative rate hides a trend."""
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run; returns the final counters and last eval success."""
+    run = Run(config, log=log)
+    if config.resume:
+        if not run.restore():
+            raise FileNotFoundError(f"--resume: no checkpoint in {run.checkpointer.directory}; start without --resume")
+        log(f"resumed {config.run_dir} at episode {run.counters.episodes} ({run.counters.env_steps} env steps)")
+    elif run.checkpointer.latest_episode is not None:
+        raise FileExistsError(f"{config.run_dir} already holds a run: pass --resume to continue it, or choose "
+                              "another --run-dir")
+    total_env_steps = config.episodes * config.env.episode_max_steps()
+    if config.env_step_budget is not None:
+        total_env_steps = min(total_env_steps, config.env_step_budget)
+    eval_success: float | None = None
+
+    def finished() -> bool:  # episodes done, or the env-step budget spent
+        c = run.counters
+        return c.episodes >= config.episodes or (config.env_step_budget is not None
+                                                 and c.env_steps >= config.env_step_budget)
+
+    # `resume` is how this process starts, not part of the run: the stored config never carries it.
+    with RunLogger(config.run_dir, dataclasses.replace(config, resume=False), resume=config.resume, wandb_mode=config.wandb_mode,
+                   total_env_steps=total_env_steps, progress=config.progress) as logger:
+        if config.resume:
+            logger.rewind(run.counters.episodes)  # drop records logged after the checkpoint
+        env = LiberoEnv(config.env)
+        try:
+            key = jax.random.key(config.seed)
+            while not finished():
+                start = time.perf_counter()
+                episode = run.counters.episodes
+                init_state = int(np.random.default_rng([config.seed, 2, episode]).integers(env.num_init_states))
+                trajectory = run.collect(env, init_state, jax.random.fold_in(key, episode))
+                c = run.counters
+                c.episodes += 1
+                c.env_steps += trajectory.steps
+                c.successes += int(trajectory.success)
+                c.acting_flops += trajectory.acting_flops
+                c.cache_flops += run.last_cache_flops
+                infos = []
+                due = config.updates_per_episode  # episode-wise, the paper's VLA setting
+                update_start = time.perf_counter()
+                if config.selection.rule != "base" and run.replay.num_windows(run.horizon, run.stride) > 0:
+                    infos = [run.update() for _ in range(due)]  # each ends on a host sync (float(info))
+                update_ms = (time.perf_counter() - update_start) * 1e3 / max(len(infos), 1)
+                actor_start = time.perf_counter()
+                actor_infos = run.update_actor(due)  # nothing unless the actor trains and something succeeded
+                actor_ms = (time.perf_counter() - actor_start) * 1e3 / max(len(actor_infos), 1)
+                c.wall_s += time.perf_counter() - start
+                # The log holds one record per earlier episode (a resume rewinds it to the checkpoint).
+                recent = [r["train/success"] for r in logger.records[-(RECENT_EPISODES - 1):]]
+                recent.append(float(trajectory.success))
+                metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
+                           "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
+                           "flops/update": c.update_flops, "train/success": float(trajectory.success),
+                           "train/success_rate": c.successes / c.episodes,
+                           "train/recent_success_rate": float(np.mean(recent)), "train/episode_steps": trajectory.steps,
+                           "wall_s": c.wall_s}
+                metrics.update({f"time_ms/{k}": v for k, v in trajectory.timing_ms.items()})
+                if infos:
+                    metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
+                    metrics["time_ms/update"] = update_ms  # mean wall time of one update (first ones compile)
+                if run.successes is not None:
+                    metrics.update({"actor/updates": c.actor_updates, "actor/success_chunks": len(run.successes),
+                                    "flops/actor_update": c.actor_update_flops})
+                if actor_infos:
+                    metrics.update({f"actor/{k}": float(np.mean([i[k] for i in actor_infos])) for k in actor_infos[0]})
+                    metrics["time_ms/actor_update"] = actor_ms  # mean wall time of one flow-loss step
+                evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or finished()
+                if evaluate:
+                    eval_success = run.evaluate(env)
+                    metrics["eval/success_rate"] = eval_success
+                logger.log(metrics, step=c.episodes)
+                if evaluate or c.episodes % config.checkpoint_every == 0:
+                    run.save(eval_success if evaluate else None)
+        finally:
+            env.close()
+            run.close()
+    return {"counters": dataclasses.asdict(run.counters), "eval_success": eval_success}
