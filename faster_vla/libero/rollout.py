@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from faster_vla.acting.agent import Agent, Decision
-from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig, make_libero_pool
+from faster_vla.libero.config import LiberoEnvConfig, check_num_workers
+from faster_vla.libero.env import LiberoEnv, make_libero_pool
 from faster_vla.libero.env_pool import EnvPool, EnvWorkerError
 from faster_vla.rl.learner import Learner
 from faster_vla.rl.selection import SelectionConfig
@@ -77,12 +78,6 @@ class Trajectory:
         """The observation each decision was made on, in order (recorded trajectories only)."""
         at = dict(zip(self.rows, self.observations))
         return [at[r] for r in self.decision_rows]
-
-
-def check_num_workers(num_workers: int, flag: str = "num_workers") -> None:
-    """Raises a ValueError naming `flag` unless num_workers is an int >= 1 (1: one env in this process)."""
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"{flag} must be an integer >= 1 (1: one env in this process), got {num_workers!r}")
 
 
 def open_envs(config: LiberoEnvConfig, num_workers: int) -> LiberoEnv | EnvPool:

@@ -12,8 +12,7 @@ from faster_vla.acting.flow_trainer import ActorFinetuneConfig
 from faster_vla.critics.edit_policy import EditPolicyConfig
 from faster_vla.critics.encoders import encoder_for_pi05
 from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
-from faster_vla.libero.env import STATE_DIM, LiberoEnvConfig
-from faster_vla.libero.rollout import check_num_workers
+from faster_vla.libero.config import STATE_DIM, LiberoEnvConfig, check_num_workers
 from faster_vla.policies.transforms import LIBERO_ACTION_DIM
 from faster_vla.rl.filtering import FilterSchedule
 from faster_vla.rl.learner import LearnerConfig

@@ -24,7 +24,8 @@ from faster_vla.acting.agent import Agent
 from faster_vla.rl.learner import Learner
 from faster_vla.runs.loading import load_run, load_trained_actor
 from faster_vla.libero.env import LiberoEnvConfig, check_libero_installed, parse_task, resolve_task
-from faster_vla.libero.rollout import check_num_workers, init_state_keys, num_init_states, open_envs, run_episodes
+from faster_vla.libero.config import check_num_workers
+from faster_vla.libero.rollout import init_state_keys, num_init_states, open_envs, run_episodes
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
 from faster_vla.rl.selection import SelectionConfig
 

@@ -23,21 +23,17 @@ a reader, or a run killed mid-write, never sees half a PNG or half a config.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import io
 import json
 import math
 import numbers
-import types
-import typing
 import os
 import secrets
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 

@@ -1,0 +1,88 @@
+"""What a LIBERO env is, as configuration: the task, rendering, episode length, the robot's state size, and
+the parsing of task and worker arguments. Importing it loads no simulator (configs, bundles and serving read
+it; `faster_vla.libero.env` runs the env)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+RenderMode = Literal["every_step", "chunk_boundary", "none"]
+RENDER_MODES: tuple[str, ...] = ("every_step", "chunk_boundary", "none")
+
+# openpi's examples/libero/main.py: a little above each suite's longest training demonstration.
+SUITE_MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+STATE_DIM = 8  # eef position 3 + axis-angle 3 + gripper qpos 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LiberoEnvConfig:
+    """One LIBERO task as an environment (defaults: openpi's LIBERO evaluation settings)."""
+
+    suite: str = "libero_90"
+    """Task suite: libero_spatial, libero_object, libero_goal, libero_10 or libero_90."""
+    task: int | str = 0
+    """Task within the suite: its id (0-based, the suite's order) or its name; see list_tasks(suite)."""
+    resolution: int = 256
+    """Camera render size in pixels (square); openpi renders 256."""
+    image_size: int = 224
+    """Size the images are resized-with-pad to for the policy (square)."""
+    num_wait_steps: int = 10
+    """No-op steps after each reset while the dropped objects settle (not counted in max_steps)."""
+    max_steps: int | None = None
+    """Policy steps per episode before truncation; None: the suite's default (spatial 220, object 280,
+    goal 300, 10: 520, 90: 400)."""
+    seed: int = 7
+    """Seeds LIBERO's per-reset fixture placement (e.g. where the cabinet stands, ±1 cm), which the init
+    states do not cover; each reset uses a seed derived from (seed, init_state_index)."""
+    render_mode: RenderMode = "chunk_boundary"
+    """every_step: render cameras after every control step (as openpi's client does); chunk_boundary: render
+    only the observation returned at the end of each step_chunk (same observations, far less CPU); none:
+    observations carry state and prompt only (~10 ms a step), for scripted experts and recorders, which
+    render the states they keep afterwards with `render_state`."""
+
+    def __post_init__(self) -> None:
+        if self.render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {self.render_mode!r}")
+        for name in ("resolution", "image_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_wait_steps < 0:
+            raise ValueError(f"num_wait_steps must be >= 0, got {self.num_wait_steps}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive or None (the suite's default), got {self.max_steps}")
+        if isinstance(self.task, bool) or not isinstance(self.task, (int, str)):
+            raise TypeError(f"task must be an int id or a str name, got {self.task!r}")
+
+    def episode_max_steps(self) -> int:
+        """max_steps, or the suite's default; errors for a suite with no default."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.suite not in SUITE_MAX_STEPS:
+            raise ValueError(
+                f"suite {self.suite!r} has no default max_steps (defaults exist for {sorted(SUITE_MAX_STEPS)}); "
+                "set max_steps explicitly"
+            )
+        return SUITE_MAX_STEPS[self.suite]
+
+
+def check_num_workers(num_workers: int, flag: str = "num_workers") -> None:
+    """Raises a ValueError naming `flag` unless num_workers is an int >= 1 (1: one env in this process)."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"{flag} must be an integer >= 1 (1: one env in this process), got {num_workers!r}")
+
+
+def parse_task(task: int | str) -> int | str:
+    """A task as given on the command line: a task id ("20", as an int) or a task name (kept as text)."""
+    if isinstance(task, int):
+        return task
+    text = str(task).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
