@@ -61,7 +61,7 @@ from openpi_client import msgpack_numpy as openpi_msgpack
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from bench_common import write_result
-from faster_vla.serving.server import server as serving
+from faster_vla.serving import server as serving
 from faster_vla.launch.serve import ServeArgs, build_policy, warm_up
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from faster_vla import checkpoints, serving
+from faster_vla import checkpoints
+from faster_vla.serving import server as serving
 from faster_vla.acting.actor_source import LIBERO_ASSETS, SHIPPED_TOKENIZER, ActorSource
 from faster_vla.serving.bundle import load_policy, read_manifest
 from faster_vla.launch.demo import libero_observation

@@ -194,7 +194,7 @@ class _DropOrbaxInfo(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_orbax() -> Iterator[None]:
+def quiet_orbax() -> Iterator[None]:
     """Drops orbax's INFO records (dozens per save/restore) while we call it; real warnings still pass."""
     absl_logger = logging.getLogger("absl")
     log_filter = _DropOrbaxInfo()
@@ -203,6 +203,15 @@ def _quiet_orbax() -> Iterator[None]:
         yield
     finally:
         absl_logger.removeFilter(log_filter)
+
+
+def checkpoint_manager(directory: Any, options: Any, **kwargs: Any) -> Any:
+    """The one way we open an orbax `CheckpointManager` (run checkpoints, the pretraining trainer): built with
+    orbax's INFO records dropped; `kwargs` (item_names, item_handlers) go to the manager. Use `quiet_orbax()`
+    around its save/restore calls too."""
+    ocp = _ocp()
+    with quiet_orbax():
+        return ocp.CheckpointManager(directory, options=options, **kwargs)
 
 
 def _ocp():
@@ -291,7 +300,7 @@ def _read_layout(path: str | os.PathLike[str]) -> _Layout:
     item_dir = resolve_params_dir(path)
     ocp = _ocp()
     try:
-        with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
+        with quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
             metadata = checkpointer.metadata(item_dir)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable metadata
         raise CheckpointError(f"Cannot read orbax metadata of {str(item_dir)!r}: {type(e).__name__}: {e}") from e
@@ -364,7 +373,7 @@ def restore_params(
     try:
         # No restore_concurrent_gb: the groups already bound what is in flight, and orbax's read estimate
         # rounds up to whole chunks, so a cap near the largest leaf could reject a leaf with ragged chunks.
-        with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        with quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             for group in _restore_groups(layout):
                 item = {PARAMS_ITEM: unflatten_params({p: layout.raw[p] for p, _ in group})}
                 restore_args = jax.tree.map(
@@ -448,7 +457,7 @@ def save_params(path: str | os.PathLike[str], params: Any, *, force: bool = Fals
         staged = work / path.name
         staged.mkdir()
         ocp = _ocp()
-        with _quiet_orbax(), ocp.Checkpointer(
+        with quiet_orbax(), ocp.Checkpointer(
             ocp.PyTreeCheckpointHandler(save_concurrent_gb=cap, save_device_host_concurrent_gb=cap)
         ) as checkpointer:
             checkpointer.save(staged / PARAMS_ITEM, args=ocp.args.PyTreeSave({PARAMS_ITEM: unflatten_params(flat)}))

@@ -172,7 +172,7 @@ def _free_port() -> int:
 def test_serve_bundle_to_openpi_client(bundle):
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-    from faster_vla.serving.server import server as serving
+    from faster_vla.serving import server as serving
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "faster_vla.launch.cli", "serve", "--bundle", str(bundle),

@@ -22,7 +22,7 @@ import websockets.sync.client
 from openpi_client import msgpack_numpy as openpi_msgpack
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-from faster_vla.serving.server import server as serving
+from faster_vla.serving import server as serving
 from faster_vla.acting.actor_source import ActorSource
 from faster_vla.launch import serve as serve_cli
 from faster_vla.launch.demo import libero_observation

@@ -12,20 +12,25 @@ pretrain from scratch). `check()` validates everything local before anything is 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from faster_vla import checkpoints
 from faster_vla.policies import download
 from faster_vla.policies.config import PRESETS, get_preset
-from faster_vla.policies.normalize import NormStats, load_norm_stats
+from faster_vla.policies.checkpoint import save_params
+from faster_vla.policies.normalize import NormStats, load_norm_stats, save_norm_stats
 from faster_vla.policies.pi05 import Pi05Actor, init_params, load_openpi
 from faster_vla.policies.policy import Policy, make_libero_policy
 from faster_vla.policies.tokenizer import PaligemmaTokenizer
 
 RELEASED = {"pi05_libero": "gs://openpi-assets/checkpoints/pi05_libero"}
 LIBERO_ASSETS = "assets/physical-intelligence/libero"  # openpi's norm stats inside a checkpoint
+TOKENIZER_FILE = "tokenizer.model"  # a checkpoint's own tokenizer, when it carries one
 SHIPPED_TOKENIZER = {"pi05_small": "pi05_small/tokenizer.model", "pi05_libero_small": "pi05_small/tokenizer.model"}
 SHIPPED_CHECKPOINT = {"pi05_libero_small": "pi05_libero_small"}  # inside faster_vla.checkpoints
 RANDOM_WEIGHTS = "random"  # --actor.checkpoint random: seeded random weights, whatever the preset's default
@@ -117,3 +122,17 @@ def unit_norm_stats() -> dict[str, NormStats]:
         return NormStats(mean=np.zeros(dim), std=np.ones(dim), q01=-np.ones(dim), q99=np.ones(dim))
 
     return {"state": unit(8), "actions": unit(7)}
+
+
+def save_policy(directory: Path, params: Any, norm_stats: Mapping[str, NormStats], *,
+                tokenizer: str | Path | None = None) -> Path:
+    """The one writer of a policy checkpoint in openpi's layout, which openpi and `ActorSource(checkpoint=...)`
+    read: `<directory>/params`, `<directory>/assets/physical-intelligence/libero/norm_stats.json` and, when
+    given, a local tokenizer copied to `<directory>/tokenizer.model`. `directory` must not exist yet: callers
+    write into a staging folder and move it into place whole (bundles, pretraining exports)."""
+    directory = Path(directory)
+    save_params(directory, params)
+    save_norm_stats(directory / LIBERO_ASSETS, norm_stats)
+    if tokenizer is not None:
+        shutil.copyfile(Path(tokenizer).expanduser(), directory / TOKENIZER_FILE)
+    return directory

@@ -30,10 +30,15 @@ import orbax.checkpoint as ocp
 
 from faster_vla import checkpoints
 from faster_vla.acting.flow_trainer import ActorFinetuneConfig, ActorTrainer
-from faster_vla.acting.actor_source import LIBERO_ASSETS, RANDOM_WEIGHTS, SHIPPED_TOKENIZER, ActorSource
+from faster_vla.acting.actor_source import (
+    RANDOM_WEIGHTS,
+    SHIPPED_TOKENIZER,
+    ActorSource,
+    save_policy,
+)
 from faster_vla.pretraining.demos import Episode, iter_episodes, read_manifest
 from faster_vla.policies import download
-from faster_vla.policies.checkpoint import _quiet_orbax, save_params
+from faster_vla.policies.checkpoint import checkpoint_manager, quiet_orbax
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.normalize import NormStats, save_norm_stats
 from faster_vla.policies.pi05 import Pi05Actor
@@ -46,7 +51,6 @@ from faster_vla.shared.jsonable import to_jsonable
 CHECKPOINT_DIR = "checkpoint"  # the exported openpi checkpoint inside the run folder
 TRAINER_DIR = "trainer"  # orbax checkpoints of the trainer, for --resume
 SNAPSHOT_DIR = "snapshots"  # with --snapshots: snapshots/step_<N>, each laid out as checkpoint/
-TOKENIZER_FILE = "tokenizer.model"
 CARD_FILE = "pretrain.json"
 
 
@@ -136,8 +140,8 @@ class DemoFrames:
 
 
 def _trainer_manager(run_dir: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(run_dir / TRAINER_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=2),
-                                 item_names=("trainer", "state"))
+    return checkpoint_manager(run_dir / TRAINER_DIR, ocp.CheckpointManagerOptions(max_to_keep=2),
+                              item_names=("trainer", "state"))
 
 
 def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> Path:
@@ -168,7 +172,7 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
                    progress=False, plot_every=0) as logger:
         if config.resume and manager.latest_step() is not None:
             step = manager.latest_step()
-            with _quiet_orbax():
+            with quiet_orbax():
                 restored = manager.restore(step, args=ocp.args.Composite(
                     trainer=ocp.args.StandardRestore(trainer), state=ocp.args.JsonRestore()))
             trainer = restored["trainer"]
@@ -208,7 +212,7 @@ def pretrain(config: PretrainConfig, *, log: Callable[[str], None] = print) -> P
                 losses = []
             budget_over = config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s
             if step % config.save_every == 0 or step == config.steps or budget_over:
-                with _quiet_orbax():
+                with quiet_orbax():
                     manager.save(step, args=ocp.args.Composite(
                         trainer=ocp.args.StandardSave(trainer),
                         state=ocp.args.JsonSave({"step": step, "sampler": sampler.bit_generator.state})))
@@ -232,9 +236,8 @@ def export_checkpoint(run_dir: Path, trainer: ActorTrainer, norm_stats: dict[str
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=run_dir))
     try:
-        staged = save_params(work / CHECKPOINT_DIR, jax.device_get(trainer.acting_params))
-        save_norm_stats(staged / LIBERO_ASSETS, norm_stats)
-        shutil.copyfile(tokenizer, staged / TOKENIZER_FILE)
+        staged = save_policy(work / CHECKPOINT_DIR, jax.device_get(trainer.acting_params), norm_stats,
+                             tokenizer=tokenizer)
         atomic_write(staged / CARD_FILE, (json.dumps(to_jsonable(card, strict=False), indent=1) + "\n").encode())
         download.move_into_place(staged, target, replace=True)
     finally:

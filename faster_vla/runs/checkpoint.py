@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 
 from faster_vla.acting.flow_trainer import ActorTrainer
 from faster_vla.rl.learner import Learner
-from faster_vla.policies.checkpoint import CheckpointMismatchError, _quiet_orbax, compare_shapes
+from faster_vla.policies.checkpoint import CheckpointMismatchError, checkpoint_manager, compare_shapes, quiet_orbax
 from faster_vla.rl.replay import ReplayBuffer
 from faster_vla.shared.files import ensure_writable_dir
 from faster_vla.shared.jsonable import json_diff, to_jsonable
@@ -171,8 +171,7 @@ class RunCheckpointer:
         handlers = {LEARNER_ITEM: ocp.StandardCheckpointHandler(), REPLAY_ITEM: FileItemHandler(),
                     STATE_ITEM: ocp.JsonCheckpointHandler(), ACTOR_ITEM: ocp.StandardCheckpointHandler(),
                     SUCCESS_ITEM: FileItemHandler()}
-        with _quiet_orbax():
-            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._manager = checkpoint_manager(self.directory, options, item_handlers=handlers)
 
     # -- introspection --------------------------------------------------------------------------------------
 
@@ -197,7 +196,7 @@ class RunCheckpointer:
 
     def eval_success(self, episode: int) -> float | None:
         """The eval success saved with that checkpoint, None if it was saved without one."""
-        with _quiet_orbax():
+        with quiet_orbax():
             metrics = self._manager.metrics(episode)
         return None if not metrics or EVAL_METRIC not in metrics else float(metrics[EVAL_METRIC])
 
@@ -260,7 +259,7 @@ class RunCheckpointer:
                                          SUCCESS_ITEM: FileSave(successes, SUCCESS_FILE)}),
         })
         metrics = {} if eval_success is None else {EVAL_METRIC: float(eval_success)}
-        with _quiet_orbax():
+        with quiet_orbax():
             self._manager.save(episode, args=args, metrics=metrics, force=True)
             self._manager.wait_until_finished()
         return self.path(episode)
@@ -325,7 +324,7 @@ class RunCheckpointer:
 
     def _restore_items(self, episode: int, args: dict[str, Any]) -> Any:
         try:
-            with _quiet_orbax():
+            with quiet_orbax():
                 return self._manager.restore(episode, args=ocp.args.Composite(**args))
         except RunCheckpointError:
             raise

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from faster_vla.acting.actor_source import LIBERO_ASSETS, ActorSource
+from faster_vla.acting.actor_source import TOKENIZER_FILE, ActorSource, save_policy
 from faster_vla.acting.agent import Agent
 from faster_vla.runs.config import TrainConfig, learner_config
 from faster_vla.runs.loading import load_run, load_trained_actor
@@ -38,7 +38,6 @@ from faster_vla.rl.learner import Learner
 from faster_vla.policies import download
 from faster_vla.policies.checkpoint import restore_params, save_params
 from faster_vla.policies.config import get_preset
-from faster_vla.policies.normalize import save_norm_stats
 from faster_vla.policies.policy import Policy, batch_bucket
 from faster_vla.shared.jsonable import from_jsonable, to_jsonable
 from faster_vla.rl.selection import RULES, SelectionConfig
@@ -73,10 +72,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: Literal["
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         shutil.rmtree(tmp)  # save_params creates the folder itself and refuses an existing one
-        save_params(tmp, policy.actor.params)  # tmp/params: openpi's release layout
+        local_tokenizer, tokenizer = _tokenizer(config.actor)
+        save_policy(tmp, policy.actor.params, _norm_stats(policy), tokenizer=local_tokenizer)  # openpi's layout
         save_params(tmp / "critics", _acting_params(learner))
-        save_norm_stats(tmp / LIBERO_ASSETS, _norm_stats(policy))
-        tokenizer = _tokenizer_reference(config.actor, tmp)
         manifest = {
             "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
             "actor": {"preset": config.actor.preset, "tokenizer": tokenizer, "num_steps": config.num_steps},
@@ -114,8 +112,10 @@ def _norm_stats(policy: Policy) -> dict:
     raise BundleError("the policy has no Normalize transform to take norm stats from")
 
 
-def _tokenizer_reference(source: ActorSource, bundle: Path) -> str | None:
-    """Copies a local tokenizer into the bundle (returns its name); a remote or default one stays a reference."""
+def _tokenizer(source: ActorSource) -> tuple[str | None, str | None]:
+    """(a local tokenizer file the bundle carries, or None; the manifest's reference to the tokenizer): a local
+    one is copied in as tokenizer.model, a remote or default one stays a reference (None: PaliGemma's
+    tokenizer from openpi's cache)."""
     from faster_vla import checkpoints
     from faster_vla.acting.actor_source import SHIPPED_TOKENIZER
 
@@ -123,9 +123,8 @@ def _tokenizer_reference(source: ActorSource, bundle: Path) -> str | None:
     if path is None and source.preset in SHIPPED_TOKENIZER:
         path = str(checkpoints.path(SHIPPED_TOKENIZER[source.preset]))
     if path is None or download.is_remote(path):
-        return path  # None: PaliGemma's tokenizer from openpi's cache
-    shutil.copyfile(Path(path).expanduser(), bundle / "tokenizer.model")
-    return "tokenizer.model"
+        return None, path
+    return path, TOKENIZER_FILE
 
 
 # -- loading --------------------------------------------------------------------------------------------------
