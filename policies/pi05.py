@@ -5,6 +5,9 @@ per observation (SigLIP + PaliGemma, ~98 % of the FLOPs at pi05_libero scale) an
 pooled features; `denoise` runs only the action expert for any number of noise candidates per observation,
 all attending to that one cache. `sample_actions` is `encode` + `denoise` with one candidate, so every
 caller (parity tests, critics, serving) runs the same code as the 3.3B model with a smaller config.
+
+Why one file of ~500 lines: the model, its adapter (encode once, denoise many) and the flow loss are
+openpi's pi0.py in our terms; kept together so a diff against openpi's stays readable.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Rendering costs ~170 ms per control step (two cameras, CPU) against ~10 ms of ph
 the end of each `step_chunk`. Physics still steps every control step, and the chunk-end observation is
 bit-identical to the one `render_mode="every_step"` returns (the renderer keeps robosuite's sampling
 sub-step; only the unused intermediate renders are skipped).
+
+Why one file of ~600 lines: importing LIBERO, its headless rendering and the env wrapper share the
+simulator's quirks (lazy import, gated cameras, seeded resets) that only make sense side by side.
 """
 
 from __future__ import annotations

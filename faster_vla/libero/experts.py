@@ -17,6 +17,9 @@ Tasks (one expert each; `EXPERTS` maps the libero_90 task name to it):
 - KITCHEN_SCENE3_turn_on_the_stove: push the knob's fin around its axis past the "on" angle;
 - KITCHEN_SCENE6_close_the_microwave: sweep the open door shut along its arc;
 - KITCHEN_SCENE1_put_the_black_bowl_on_the_plate: grasp the bowl's rim, carry it over the plate, release.
+
+Why one file of ~400 lines: the scene queries, the phase machine and the four scripted tasks are read
+together when a new expert is written.
 """
 
 from __future__ import annotations

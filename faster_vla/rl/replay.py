@@ -59,6 +59,9 @@ Persistence
 same folder, fsyncs it and `os.replace`s it onto `path`: a reader sees the old file or the new one, never
 half of one. `ReplayBuffer.load(path)` restores it exactly (unwritten rows are zero in both) and refuses
 other files or other format versions with `ReplayFormatError`.
+
+Why one file of ~600 lines: the buffer's storage, eviction, window sampling and its .npz format share one
+row layout and its invariants (episode table, valid window starts); split, each part would re-derive them.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ Retention: the last `keep_last` checkpoints, plus the `keep_best` checkpoints wi
 (checkpoints saved without an eval only count as recent ones). Saving is synchronous: `save` returns when
 the checkpoint is final, so the caller may mutate the replay right after (an async save would have to copy
 a multi-GB replay first).
+
+Why one file of ~400 lines: the orbax items, the keep-last/best policy and the restore checks describe
+one on-disk format.
 """
 
 from __future__ import annotations

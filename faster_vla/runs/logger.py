@@ -18,6 +18,9 @@ diverging loss stays visible.
 
 Files other than metrics.jsonl are replaced whole (temp file in the same folder, fsync, `os.replace`), so
 a reader, or a run killed mid-write, never sees half a PNG or half a config.
+
+Why one file of ~440 lines: metrics.jsonl's crash-safe append and repair, the plots read from it and the
+logger that writes both are one record format.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ requests that arrived while the worker was busy are batched: the oldest waiting 
 not with the same shape; each row's noise is stacked) go through ONE `infer_batch` call. Nothing waits for a
 batch to fill: an idle server runs a lone request at once. If a batched call raises, its requests are retried
 one at a time, so an invalid request fails alone and never takes its batch-mates with it.
+
+Why one file of ~600 lines: the wire codec, request parsing, batching and the connection handler are one
+protocol (openpi's); they change together and are tested together (tests/test_serving.py).
 """
 
 from __future__ import annotations
