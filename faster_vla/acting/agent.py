@@ -8,8 +8,9 @@ noise), the critics (Q^dn over the N seeds, Q^a over candidates, the edit policy
 handed differ (here: the live actor and compiled critic calls, each timed).
 
 `Agent.cache` computes what a replay row needs from the frozen actor (`frozen_cache.frozen_actor_cache`) for a
-batch of observations, so that updates never run the actor; with a trainable actor the same call refreshes
-a sampled batch instead (the cache is then recomputed, not stored).
+batch of observations, so that updates never run the actor; the run hands those rows to replay, which only
+stores them. With a trained actor (`--actor-update success_bc`) rows keep the chunks of the actor that stored
+them.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The FASTER-EXPO default keeps the whole actor frozen, so replay can cache what it computes. This module is
 the alternative EXPO's π0.5 recipe uses: the base policy keeps learning by behaviour cloning (openpi's flow
 loss) on the chunks of episodes that succeeded, with the VLM frozen and only the action expert trained.
-The prefix still comes from frozen weights, but the actor's chunks change with every step, so the
-frozen-actor cache is off: a trainer run refreshes the cache of each sampled batch (`Agent.cache`), at the
-actor's cost.
+The prefix still comes from frozen weights, so replay's cached prefix features stay exact; the cached
+chunks are those the actor produced when each row was stored (`--actor-update success_bc`, see
+docs/finetune.md): updates keep never running the actor, and the targets lag the actor by the rows' age.
+The same trainer pretrains the built-in model (`faster_vla.pretraining.pretrain`).
 
 - `action_expert_mask(params)`: True on the action expert (every `*_1` Gemma leaf, the action and time
   projections); the SigLIP tower and the PaliGemma expert stay frozen. Frozen leaves are stop-gradient'ed
