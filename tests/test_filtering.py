@@ -117,8 +117,10 @@ def test_initial_seed_reproduces_faster_idql(seed):
     sel = select(SelectionConfig("faster_idql", n, 0.0), jax.random.key(7), noise, denoise=denoise,
                  score_noise=lambda x: score(x, 1.0))
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(sel.seed_index))
+    # The chunk is 2·x on both paths (a power of two: exact). The scores are the same einsum traced inside two
+    # different programs, whose reductions XLA may order differently: float32 rounding, not bits.
     np.testing.assert_array_equal(np.asarray(chunk), np.asarray(sel.action))
-    np.testing.assert_array_equal(np.asarray(visited["scores"][0]), np.asarray(sel.noise_scores))
+    np.testing.assert_allclose(np.asarray(visited["scores"][0]), np.asarray(sel.noise_scores), rtol=1e-6, atol=1e-6)
     assert float(visited["t"][0]) == 1.0
 
 

@@ -19,19 +19,30 @@ def test_float_golden(goldens):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
 
 
-def test_uint8_golden_bit_exact(goldens):
+def test_uint8_golden(goldens):
+    # The resize runs in float32 and rounds to uint8, so a value within float32 rounding of .5 may round either
+    # way. openpi's golden (made with jaxlib 0.5.3) is bit-exact on jaxlib 0.5.3 to 0.8.0; from jaxlib
+    # 0.8.3 XLA:CPU sums the resize weights in another order and 6 of the 150,528 pixels come out 1 higher or
+    # lower. So: every pixel within 1 of the golden, and at most 1 in 10,000 pixels off at all (a real
+    # resize or padding error moves thousands, and by more than 1).
     out = resize_with_pad(goldens["resize_with_pad/in_u8"], 224, 224)
     expected = goldens["resize_with_pad/out_u8_224"]
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == np.uint8 and out.shape == expected.shape
+    diff = np.abs(out.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()} (expected <= 1)"
+    off = int(np.count_nonzero(diff))
+    assert off <= expected.size // 10_000, f"{off} of {expected.size} pixels differ from openpi's (expected <= {expected.size // 10_000})"
 
 
 def test_unbatched_and_extra_leading_dims_match_batched(goldens):
     images = goldens["resize_with_pad/in_f32"]
     batched = resize_with_pad(images, 224, 224)
-    np.testing.assert_array_equal(resize_with_pad(images[1], 224, 224), batched[1])
+    # One image is a batch of 1: another XLA program, whose kernels depend on the processor (on a 2-core EPYC
+    # without AVX-512, 569 of 150,528 values differed by 6e-8), so float32 rounding of values in [-1, 1].
+    np.testing.assert_allclose(resize_with_pad(images[1], 224, 224), batched[1], rtol=0, atol=1e-6)
     nested = resize_with_pad(images[:, None], 224, 224)
     assert nested.shape == (2, 1, 224, 224, 3)
+    # Extra leading dims are reshaped away before the resize: the very same program and input, bit for bit.
     np.testing.assert_array_equal(nested[:, 0], batched)
 
 
