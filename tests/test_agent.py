@@ -181,3 +181,40 @@ def test_act_batch_rows_act_as_alone(policy, rule):
             np.testing.assert_allclose(decision.noise_scores, alone.noise_scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size"):
         agent.act_batch(learner, raw, rngs=keys, batch_size=2)
+
+
+@pytest.mark.parametrize("schedule", [None, successive_halving(N, 10, every=2)])
+def test_cache_from_the_acting_pass_equals_a_separate_encode(policy, schedule):
+    """The cache a decision computes from the prefix it encoded to act (no second encode) is the cache a
+    separate encode of the same observations gives for the same noises. Within tolerance, not bit for bit:
+    the acting batch (3, padded to 4) and the cache batch (3) are compiled as different XLA programs."""
+    config = _config("faster", schedule=schedule)
+    agent, learner = Agent(policy, config), _learner(config)
+    raw = [libero_observation("open the microwave", seed=s) for s in range(3)]
+    noise = np.random.default_rng(5).standard_normal((3, 6, CONFIG.action_horizon, CONFIG.action_dim)).astype(np.float32)
+    decisions = agent.act_batch(learner, raw, rngs=[jax.random.key(i) for i in range(3)], batch_size=4,
+                                cache_noise=noise)
+    separate = agent.cache(agent.observations(raw), noise, batch_size=3)
+    expected = {"features", "noise", "denoised"} | ({"x_t"} if schedule else set())
+    for i, decision in enumerate(decisions):
+        row = decision.cache_row()
+        assert set(row) == expected
+        for key in expected:
+            np.testing.assert_allclose(row[key], separate[key][i], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cache_noise must be"):
+        agent.act_batch(learner, raw, rngs=[jax.random.key(i) for i in range(3)], cache_noise=noise[:2])
+
+
+def test_base_rule_acts_without_a_learner(policy):
+    """An agent built without critics acts with the base rule (what evaluating a base policy needs) and makes
+    the base rule's decision of an agent that has them; any other rule is refused, naming the fix."""
+    obs = libero_observation("open the top drawer of the cabinet", seed=4)
+    alone = Agent(policy).act(None, obs, rng=jax.random.key(3))
+    config = _config("faster")
+    with_critics = Agent(policy, config).act(_learner(config), obs, selection=SelectionConfig("base", 1),
+                                             rng=jax.random.key(3))
+    assert alone.actions.shape == (CONFIG.action_horizon, ROBOT)
+    np.testing.assert_allclose(alone.actions, with_critics.actions, rtol=1e-6, atol=1e-6)  # same program shapes
+    assert alone.flops.noise_critic == 0 and alone.flops.total == with_critics.flops.total
+    with pytest.raises(ValueError, match="needs critics"):
+        Agent(policy).act(None, obs, selection=SelectionConfig("faster", N), rng=jax.random.key(3))

@@ -93,11 +93,12 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
     assert report["policy"].startswith(f"run {run_dir}") and "faster" in report["policy"]
     assert json.loads((tmp_path / "e.json").read_text())["tasks"]["0"]["trials"] == 1
     # ... and so does its exported bundle, with the same rule.
+    from faster_vla.launch.evaluate import bundle_acting
     from faster_vla.serving.bundle import export_bundle
 
     bundle = export_bundle(run_dir, tmp_path / "bundle")
     report = evaluate(EvalConfig(bundle=bundle, tasks=("0",), trials=1, max_steps=10, output=tmp_path / "b.json"),
-                      log=lambda *_: None)
+                      log=lambda *_: None, make_acting=bundle_acting)
     assert report["policy"] == f"bundle {bundle} (faster)" and report["tasks"]["0"]["trials"] == 1
     with pytest.raises(ValueError, match="pass one"):
         EvalConfig(bundle=bundle, run_dir=run_dir)

@@ -34,7 +34,7 @@ from faster_vla.rl.learner import Inputs, Learner, LearnerConfig
 from faster_vla.policies.pi05 import Observation, Prefix
 from faster_vla.policies.policy import Policy
 from faster_vla.policies.transforms import LIBERO_ACTION_DIM
-from faster_vla.acting.frozen_cache import frozen_actor_cache
+from faster_vla.acting.frozen_cache import cache_from_prefix, frozen_actor_cache
 from faster_vla.rl.selection import SelectionConfig, select
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb")  # what the image encoder sees: agentview + wrist
@@ -106,6 +106,12 @@ class Decision:
     noise_scores: np.ndarray | None  # [N] pessimistic Q^dn of each seed (rules that score noises)
     timing_ms: dict[str, float]  # wall time per part
     flops: DecisionFlops  # FLOPs per part (analytic actor + XLA-counted critics)
+    cache: Mapping[str, jax.Array] | None = None  # the batch's frozen-actor cache rows [size, ...] (cache_noise)
+    row: int = 0  # this decision's row of `cache`
+
+    def cache_row(self) -> dict[str, np.ndarray] | None:
+        """This observation's frozen-actor cache row (waits for it; None unless `cache_noise` was given)."""
+        return None if self.cache is None else {k: np.asarray(v[self.row], np.float32) for k, v in self.cache.items()}
 
 
 class Agent:
@@ -166,6 +172,12 @@ class Agent:
         return decision_flops(selection, self.unit_flops(learner), num_steps=self.num_steps,
                               filter_schedule=schedule)
 
+    @property
+    def cached_steps(self) -> tuple[int, ...]:
+        """The Euler steps whose x_t the frozen-actor cache holds (a multi-stage filter's), else none."""
+        schedule = None if self.config is None else self.config.filter_schedule
+        return cached_steps(schedule) if schedule else ()
+
     # -- acting ----------------------------------------------------------------------------------------
 
     def _selection(self, learner: Learner | None, selection: SelectionConfig | None) -> SelectionConfig:
@@ -203,6 +215,7 @@ class Agent:
         rngs: Sequence[jax.Array] | None = None,
         noise: np.ndarray | None = None,
         batch_size: int | None = None,
+        cache_noise: np.ndarray | None = None,
     ) -> list[Decision]:
         """One decision per raw observation [B], with one encode and one denoise call for the whole batch.
 
@@ -213,6 +226,10 @@ class Agent:
         `noise` [B, N, H, A_model] fixes the seed pools. `batch_size` pads the batch (repeating its last row) to
         a fixed size, so a batch that shrinks as episodes end keeps one compiled shape. Each decision's
         `timing_ms` is the whole batch's wall time; its `flops` are one state's.
+
+        `cache_noise` [B, K, H, A_model] also computes replay's frozen-actor cache of these observations from
+        the prefix acting encoded (so no observation is encoded twice): dispatched after the chunks are ready,
+        it runs while the caller steps the env; `Decision.cache_row()` waits for it.
         """
         cfg = self.config
         selection = self._selection(learner, selection)
@@ -290,12 +307,20 @@ class Agent:
             robot_actions.append(np.asarray(out["actions"]))
         timing["output_transform"] += 1e3 * (time.perf_counter() - start)
         timing["total"] = sum(timing.values())
+        cache = None
+        if cache_noise is not None:  # off the acting path: the chunks above are already on the host
+            cache_noise = np.asarray(cache_noise, np.float32)
+            expected = (b, cache_noise.shape[1] if cache_noise.ndim == 4 else -1, *shape[1:])
+            if cache_noise.shape != expected:
+                raise ValueError(f"cache_noise must be [{b}, K, {shape[1]}, {shape[2]}], got {list(cache_noise.shape)}")
+            cache = cache_from_prefix(self.actor, prefix, cache_noise[rows], num_steps=self.num_steps,
+                                      intermediate_steps=self.cached_steps)
         flops = self.decision_flops(learner, selection)
         seed_index, edited = np.asarray(chosen.seed_index), np.asarray(chosen.edited)
         scores = None if chosen.noise_scores is None else np.asarray(chosen.noise_scores)
         return [Decision(actions=robot_actions[i], normalized=normalized[i], seed_index=int(seed_index[i]),
                          edited=bool(edited[i]), noise_scores=None if scores is None else scores[i],
-                         timing_ms=dict(timing), flops=flops) for i in range(b)]
+                         timing_ms=dict(timing), flops=flops, cache=cache, row=i) for i in range(b)]
 
     # -- what replay rows need from the actor --------------------------------------------------------------
 
@@ -309,8 +334,7 @@ class Agent:
         Padding every batch to `batch_size` keeps one compiled encode/denoise for episodes of any length.
         Includes the filter steps' x_t when the learner filters at several steps.
         """
-        schedule = None if self.config is None else self.config.filter_schedule
-        steps = cached_steps(schedule) if schedule else ()
+        steps = self.cached_steps
         b = int(np.asarray(observation.state).shape[0])
         parts = []
         for start in range(0, b, batch_size):

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from faster_vla.acting.agent import Agent, Decision
+from faster_vla.acting.frozen_cache import row_noise
 from faster_vla.libero.config import LiberoEnvConfig, check_num_workers
 from faster_vla.libero.env import LiberoEnv, make_libero_pool
 from faster_vla.libero.env_pool import EnvPool, EnvWorkerError
@@ -37,6 +38,9 @@ from faster_vla.rl.selection import SelectionConfig
 
 WORKER_HINT = ("each worker is one LIBERO env process needing ~2 GB of RAM (rendering dominates its CPU time); "
                "a worker killed by a signal (negative exit code, e.g. -9) is often out of memory: lower --num-workers")
+
+CACHE_STREAM = 0x0CAC4E
+"""An episode's frozen-actor cache noises come from `fold_in(its key, CACHE_STREAM)`, apart from its decisions'."""
 
 Record = Literal["none", "chunk", "step"]
 """What a trajectory keeps: nothing but counts (evaluation); the observation at every decision and the final one
@@ -66,9 +70,10 @@ class Trajectory:
     chunks: list[np.ndarray] = dataclasses.field(default_factory=list)
     actions: list[np.ndarray] = dataclasses.field(default_factory=list)
     rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
-    key: jax.Array | None = None
-    """The episode's key after its decisions' splits: a stream the caller may go on drawing from (training
-    draws the cache noises from it), independent of every decision's key."""
+    cache_key: jax.Array | None = None
+    """Row r's frozen-actor cache noises are `row_noise(cache_key, [r], ...)`, whoever draws them."""
+    cache: dict[int, Decision] = dataclasses.field(default_factory=dict)
+    """Row -> the decision whose acting pass computed that row's frozen-actor cache (`cache_seeds` > 0)."""
 
     def summary(self) -> dict[str, Any]:
         """The outcome alone (what an eval report lists per episode)."""
@@ -103,7 +108,7 @@ class _Live:
 
     def __init__(self, position: int, init_state: int, key: jax.Array, record: Record) -> None:
         self.position, self.key, self.record = position, key, record
-        self.trajectory = Trajectory(init_state, False, 0, key=key)
+        self.trajectory = Trajectory(init_state, False, 0, cache_key=jax.random.fold_in(key, CACHE_STREAM))
         self.obs: Any = None
 
     def start(self, obs: dict[str, Any]) -> None:
@@ -114,13 +119,18 @@ class _Live:
 
     def next_key(self) -> jax.Array:
         self.key, sub = jax.random.split(self.key)
-        self.trajectory.key = self.key
         return sub
+
+    def cache_noise(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """[K, H, A]: the cache noises of the row this episode is about to act at."""
+        return row_noise(self.trajectory.cache_key, [self.trajectory.steps], shape)[0]
 
     def advance(self, decision: Decision, result: Any) -> bool:
         """Adds one executed chunk; True when the episode is over."""
         t = self.trajectory
         n = result.num_steps
+        if decision.cache is not None:
+            t.cache[t.steps] = decision
         if self.record != "none":
             t.decision_rows.append(t.steps)
             t.chunks.append(decision.actions)
@@ -145,29 +155,41 @@ class _Live:
 
 
 def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConfig, env: LiberoEnv | EnvPool,
-                 episodes: Sequence[tuple[int, jax.Array]], *, record: Record = "none") -> list[Trajectory]:
+                 episodes: Sequence[tuple[int, jax.Array]], *, record: Record = "none",
+                 cache_seeds: int = 0) -> list[Trajectory]:
     """One episode per (init state, key), returned in that order; in `env` one after another, or in lockstep
     over a pool. Episode i's decisions use keys split from its own key, whichever way it runs. `learner` may be
-    None for the base rule, which calls no critic."""
+    None for the base rule, which calls no critic.
+
+    `cache_seeds` K > 0: every decision also computes the frozen-actor cache of its observation (K noises and
+    their chunks) from the prefix it encoded to act, while the env steps (`Trajectory.cache`); the rows no
+    decision was made at (the final observation, every-step rows) are left to the caller (`Agent.cache`).
+    """
     if record not in ("none", "chunk", "step"):
         raise ValueError(f"record must be 'none', 'chunk' or 'step', got {record!r}")
+    if cache_seeds < 0:
+        raise ValueError(f"cache_seeds must be >= 0, got {cache_seeds}")
     episodes = [(int(i), k) for i, k in episodes]
+    shape = (cache_seeds, agent.actor.config.action_horizon, agent.actor.config.action_dim) if cache_seeds else (0, 0, 0)
     if isinstance(env, EnvPool):
-        return _run_lockstep(agent, learner, selection, env, episodes, record)
+        return _run_lockstep(agent, learner, selection, env, episodes, record, shape)
     out = []
     for position, (init_state, key) in enumerate(episodes):
         live = _Live(position, init_state, key, record)
         live.start(env.reset(init_state))
         over = False
         while not over:
-            decision = agent.act(learner, live.obs, selection=selection, rng=live.next_key())
+            noise = live.cache_noise(shape)[None] if cache_seeds else None
+            decision = agent.act_batch(learner, [live.obs], selection=selection, rngs=[live.next_key()],
+                                       cache_noise=noise)[0]
             over = live.advance(decision, env.step_chunk(decision.actions))
         out.append(live.trajectory)
     return out
 
 
 def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionConfig, pool: EnvPool,
-                  episodes: list[tuple[int, jax.Array]], record: Record) -> list[Trajectory]:
+                  episodes: list[tuple[int, jax.Array]], record: Record,
+                  cache_shape: tuple[int, int, int]) -> list[Trajectory]:
     """Every worker runs one episode at a time; each round the agent acts once on all live episodes."""
     workers = pool.num_workers
     queue = collections.deque(enumerate(episodes))
@@ -192,8 +214,9 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
             order = sorted(live)
             rngs = [live[w].next_key() for w in order]
             # Padded to the pool's size: one compiled batch shape however many episodes are still running.
+            noise = np.stack([live[w].cache_noise(cache_shape) for w in order]) if cache_shape[0] else None
             decisions = agent.act_batch(learner, [live[w].obs for w in order], selection=selection, rngs=rngs,
-                                        batch_size=workers)
+                                        batch_size=workers, cache_noise=noise)
             actions: list[Any] = [None] * workers
             by_worker = dict(zip(order, decisions))
             for w, decision in by_worker.items():
@@ -202,7 +225,8 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
                 if result is None:
                     continue
                 if live[w].advance(by_worker[w], result):
-                    results[live[w].position] = live.pop(w).trajectory
+                    done = live.pop(w)
+                    results[done.position] = done.trajectory
             start_idle()
     except EnvWorkerError as exc:
         running = live.get(exc.worker)

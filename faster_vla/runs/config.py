@@ -37,12 +37,25 @@ class CriticConfig:
     """What the critics and the edit policy see besides the state: the frozen VLM's prefix features (the
     paper's VLA setting; free, since acting computes them), or the base and wrist cameras through their own
     small ResNet (stored in replay as uint8 at the model's image size: ~2·S²·3 bytes per step)."""
+    resnet_stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+    """With encoder resnet: basic blocks per ResNet stage (default ResNet-34, EXPO's π0.5 recipe; each stage
+    after the first halves the resolution and doubles the width). Fewer, e.g. (1, 1), for a cheap critic."""
+    resnet_filters: int = 64
+    """With encoder resnet: the first stage's channels (doubled per stage: 512 at the last of 4 stages, and
+    2 cameras × that in the embedding)."""
     edit_init_temperature: float = 1.0
     """EXPO's initial entropy temperature α of the edit policy (1.0). log α moves by about the learning rate
     per update, so over a short run (≈100 updates) α stays near it and the edits stay near-uniform
     exploration; a smaller value lets the critic steer them from the start (docs/reproduction.md)."""
 
     def __post_init__(self) -> None:
+        if self.encoder not in ("backbone", "resnet"):
+            raise ValueError(f"critics.encoder must be 'backbone' or 'resnet', got {self.encoder!r}")
+        if not self.resnet_stage_sizes or any(n < 1 for n in self.resnet_stage_sizes):
+            raise ValueError(f"critics.resnet_stage_sizes must be block counts >= 1 (one per stage), got "
+                             f"{list(self.resnet_stage_sizes)}")
+        if self.resnet_filters < 1:
+            raise ValueError(f"critics.resnet_filters must be >= 1, got {self.resnet_filters}")
         if not self.edit_init_temperature > 0:
             raise ValueError(f"edit_init_temperature must be > 0 (α is learned in log space), got "
                              f"{self.edit_init_temperature}")
@@ -99,6 +112,12 @@ class TrainConfig:
     """Evaluate every this many episodes (0: never); also at the end."""
     eval_episodes: int = 10
     """Evaluation episodes, on the suite's init states 0..eval_episodes-1 (the same every time)."""
+    num_envs: int = 1
+    """Training episodes stepped in lockstep over this many env worker processes, the policy acting once per
+    round on all of them (1: one env in this process). Episode i's init state and keys depend only on (seed, i);
+    the learner still takes `updates_per_episode` updates after each episode, but the episodes of a round act
+    with the learner of its start (rounds never straddle a checkpoint or an evaluation). Each worker needs
+    ~2 GB of RAM and, on CPU, about a core (rendering dominates a step)."""
     eval_num_workers: int = 1
     """Env worker processes for the evaluation (1: the training env). More step the eval episodes in lockstep, the
     policy acting once per step on all of them; each needs ~2 GB of RAM and, on CPU, about a core (rendering
@@ -134,6 +153,7 @@ class TrainConfig:
                      "cache_batch", "checkpoint_every", "keep_last", "eval_episodes", "success_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_num_workers(self.num_envs, "num_envs")
         check_num_workers(self.eval_num_workers, "eval_num_workers")
         if self.env_step_budget is not None and self.env_step_budget < 1:
             raise ValueError(f"env_step_budget must be >= 1 or None, got {self.env_step_budget}")
@@ -146,7 +166,12 @@ class TrainConfig:
             if not self.selection.uses_noise_critic:
                 raise ValueError(f"filter_steps filter with Q^dn, but selection rule {self.selection.rule!r} "
                                  "scores no noise; choose --selection.rule faster or faster_idql")
-            self.filter_schedule()  # raises on bad steps or survivor counts, before anything is built
+            try:  # bad steps or survivor counts fail here, before anything is built
+                self.filter_schedule()
+            except ValueError as e:
+                raise ValueError(f"filter_steps {list(self.filter_steps)} / filter_keep {list(self.filter_keep)} "
+                                 f"(with num_steps {self.num_steps}, selection.num_candidates "
+                                 f"{self.selection.num_candidates}): {e}") from e
         if self.window_starts not in ("chunk", "step"):
             raise ValueError(f"window_starts must be 'chunk' or 'step', got {self.window_starts!r}")
         if self.window_starts == "step" and self.env.render_mode != "every_step":
@@ -179,7 +204,8 @@ def learner_config(config: TrainConfig, actor_config: Any) -> LearnerConfig:
     c = config.critics
     encoder = encoder_for_pi05(actor_config, "backbone" if c.encoder == "backbone" else "image",
                                state_dim=STATE_DIM, state_embed_dim=c.state_embed_dim,
-                               feature_proj_dim=c.feature_proj_dim)
+                               feature_proj_dim=c.feature_proj_dim, resnet_stage_sizes=tuple(c.resnet_stage_sizes),
+                               resnet_filters=c.resnet_filters)
     chunk = (actor_config.action_horizon, LIBERO_ACTION_DIM)
     schedule = config.filter_schedule()
     return LearnerConfig(

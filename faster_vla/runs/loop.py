@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from faster_vla.libero.env import LiberoEnv
+from faster_vla.libero.rollout import num_init_states, open_envs
 from faster_vla.runs.config import TrainConfig
 from faster_vla.runs.logger import RunLogger
 from faster_vla.runs.run import Run
@@ -56,57 +56,72 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                    total_env_steps=total_env_steps, progress=config.progress) as logger:
         if config.resume:
             logger.rewind(run.counters.episodes)  # drop records logged after the checkpoint
-        env = LiberoEnv(config.env)
+        envs = open_envs(config.env, config.num_envs)
         try:
             key = jax.random.key(config.seed)
+            init_states = num_init_states(envs)
             while not finished():
                 start = time.perf_counter()
-                episode = run.counters.episodes
-                init_state = int(np.random.default_rng([config.seed, 2, episode]).integers(env.num_init_states))
-                trajectory = run.collect(env, init_state, jax.random.fold_in(key, episode))
-                c = run.counters
-                c.episodes += 1
-                c.env_steps += trajectory.steps
-                c.successes += int(trajectory.success)
-                c.acting_flops += trajectory.acting_flops
-                c.cache_flops += run.last_cache_flops
-                infos = []
-                due = config.updates_per_episode  # episode-wise, the paper's VLA setting
-                update_start = time.perf_counter()
-                if config.selection.rule != "base" and run.replay.num_windows(run.horizon, run.stride) > 0:
-                    infos = [run.update() for _ in range(due)]  # each ends on a host sync (float(info))
-                update_ms = (time.perf_counter() - update_start) * 1e3 / max(len(infos), 1)
-                actor_start = time.perf_counter()
-                actor_infos = run.update_actor(due)  # nothing unless the actor trains and something succeeded
-                actor_ms = (time.perf_counter() - actor_start) * 1e3 / max(len(actor_infos), 1)
-                c.wall_s += time.perf_counter() - start
-                # The log holds one record per earlier episode (a resume rewinds it to the checkpoint).
-                recent = [r["train/success"] for r in logger.records[-(RECENT_EPISODES - 1):]]
-                recent.append(float(trajectory.success))
-                metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
-                           "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
-                           "flops/update": c.update_flops, "train/success": float(trajectory.success),
-                           "train/success_rate": c.successes / c.episodes,
-                           "train/recent_success_rate": float(np.mean(recent)), "train/episode_steps": trajectory.steps,
-                           "wall_s": c.wall_s}
-                metrics.update({f"time_ms/{k}": v for k, v in trajectory.timing_ms.items()})
-                if infos:
-                    metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
-                    metrics["time_ms/update"] = update_ms  # mean wall time of one update (first ones compile)
-                if run.successes is not None:
-                    metrics.update({"actor/updates": c.actor_updates, "actor/success_chunks": len(run.successes),
-                                    "flops/actor_update": c.actor_update_flops})
-                if actor_infos:
-                    metrics.update({f"actor/{k}": float(np.mean([i[k] for i in actor_infos])) for k in actor_infos[0]})
-                    metrics["time_ms/actor_update"] = actor_ms  # mean wall time of one flow-loss step
-                evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or finished()
-                if evaluate:
-                    eval_success = run.evaluate(env)
-                    metrics["eval/success_rate"] = eval_success
-                logger.log(metrics, step=c.episodes)
-                if evaluate or c.episodes % config.checkpoint_every == 0:
-                    run.save(eval_success if evaluate else None)
+                # A round: up to num_envs episodes in lockstep, never across a checkpoint or evaluation, so
+                # those happen where they would with one env and a resume repeats no stored episode.
+                first = run.counters.episodes
+                size = min(config.num_envs, config.episodes - first, _until(first, config.checkpoint_every),
+                           _until(first, config.eval_every) if config.eval_every else config.num_envs)
+                episodes = [(int(np.random.default_rng([config.seed, 2, e]).integers(init_states)),
+                             jax.random.fold_in(key, e)) for e in range(first, first + size)]
+                for trajectory in run.rollout(envs, episodes):
+                    if finished():  # the env-step budget ran out earlier in this round: the rest is dropped
+                        break
+                    c = run.counters
+                    c.episodes += 1
+                    c.env_steps += trajectory.steps
+                    c.successes += int(trajectory.success)
+                    c.acting_flops += trajectory.acting_flops
+                    c.cache_flops += run.store(trajectory)
+                    infos = []
+                    due = config.updates_per_episode  # episode-wise, the paper's VLA setting
+                    update_start = time.perf_counter()
+                    if config.selection.rule != "base" and run.replay.num_windows(run.horizon, run.stride) > 0:
+                        infos = [run.update() for _ in range(due)]  # each ends on a host sync (float(info))
+                    update_ms = (time.perf_counter() - update_start) * 1e3 / max(len(infos), 1)
+                    actor_start = time.perf_counter()
+                    actor_infos = run.update_actor(due)  # nothing unless the actor trains and something succeeded
+                    actor_ms = (time.perf_counter() - actor_start) * 1e3 / max(len(actor_infos), 1)
+                    c.wall_s += time.perf_counter() - start
+                    start = time.perf_counter()  # a round's rollout counts towards its first episode
+                    # The log holds one record per earlier episode (a resume rewinds it to the checkpoint).
+                    recent = [r["train/success"] for r in logger.records[-(RECENT_EPISODES - 1):]]
+                    recent.append(float(trajectory.success))
+                    metrics = {"episodes": c.episodes, "env_steps": c.env_steps, "updates": c.updates,
+                               "flops": c.flops, "flops/acting": c.acting_flops, "flops/cache": c.cache_flops,
+                               "flops/update": c.update_flops, "train/success": float(trajectory.success),
+                               "train/success_rate": c.successes / c.episodes,
+                               "train/recent_success_rate": float(np.mean(recent)), "train/episode_steps": trajectory.steps,
+                               "train/init_state": trajectory.init_state,
+                               "wall_s": c.wall_s}
+                    metrics.update({f"time_ms/{k}": v for k, v in trajectory.timing_ms.items()})
+                    if infos:
+                        metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
+                        metrics["time_ms/update"] = update_ms  # mean wall time of one update (first ones compile)
+                    if run.successes is not None:
+                        metrics.update({"actor/updates": c.actor_updates, "actor/success_chunks": len(run.successes),
+                                        "flops/actor_update": c.actor_update_flops})
+                    if actor_infos:
+                        metrics.update({f"actor/{k}": float(np.mean([i[k] for i in actor_infos])) for k in actor_infos[0]})
+                        metrics["time_ms/actor_update"] = actor_ms  # mean wall time of one flow-loss step
+                    evaluate = (config.eval_every and c.episodes % config.eval_every == 0) or finished()
+                    if evaluate:
+                        eval_success = run.evaluate(envs)
+                        metrics["eval/success_rate"] = eval_success
+                    logger.log(metrics, step=c.episodes)
+                    if evaluate or c.episodes % config.checkpoint_every == 0:
+                        run.save(eval_success if evaluate else None)
         finally:
-            env.close()
+            envs.close()
             run.close()
     return {"counters": dataclasses.asdict(run.counters), "eval_success": eval_success}
+
+
+def _until(episodes: int, every: int) -> int:
+    """Episodes until the next multiple of `every` (every > 0)."""
+    return every - episodes % every

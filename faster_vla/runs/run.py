@@ -11,17 +11,18 @@ actor produced when they were stored (their prefix features stay exact: the VLM 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
 from faster_vla.acting.agent import Agent, critic_inputs
+from faster_vla.acting.frozen_cache import row_noise
 from faster_vla.acting.flow_trainer import ActorTrainer
 from faster_vla.acting.success_buffer import SuccessBuffer
 from faster_vla.libero.env import LiberoEnv, check_libero_installed, make_libero_pool, resolve_task
 from faster_vla.libero.env_pool import EnvPool
-from faster_vla.libero.rollout import Trajectory, init_state_keys, run_episodes
+from faster_vla.libero.rollout import Trajectory, init_state_keys, num_init_states, run_episodes
 from faster_vla.policies import flops as actor_flops
 from faster_vla.rl.batches import to_learner_batch
 from faster_vla.rl.filtering import cached_steps
@@ -84,7 +85,6 @@ class Run:
         self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.selection.num_candidates,
                                                            cached_steps(schedule) if schedule else ())
         self.uses_features = self.learner_config.chunk_critic.encoder.kind == "backbone"
-        self.last_cache_flops = 0.0
         self.eval_selection = dataclasses.replace(config.selection, temperature=0.0)
         example = self.learner_config.chunk_critic.encoder.example_inputs(1)
         self.learner = Learner.create(self.learner_config, example, seed=config.seed)
@@ -95,9 +95,9 @@ class Run:
                                             keep_best=config.keep_best)
         self._update_flops: float | None = None
         self._eval_envs: EnvPool | None = None  # eval worker processes, when eval_num_workers > 1
-        self._cache_row_flops = float(actor_flops.prefix_flops(actor_config) + config.selection.num_candidates
-                                      * config.num_steps * actor_flops.denoise_flops(actor_config, num_candidates=1,
-                                                                                     num_steps=1))
+        self._prefix_flops = float(actor_flops.prefix_flops(actor_config))
+        self._cache_denoise_flops = float(config.selection.num_candidates * config.num_steps
+                                          * actor_flops.denoise_flops(actor_config, num_candidates=1, num_steps=1))
         # One flow-loss step (analytic, as acting's actor FLOPs): the prefix forward per example, and the
         # suffix (one velocity evaluation over the chunk) forward plus backward, ≈ 3× its forward.
         self._actor_step_flops = float(config.actor_optimizer.batch_size * (
@@ -106,32 +106,48 @@ class Run:
 
     # -- one training episode: rollout + store ---------------------------------------------------------------
 
-    def collect(self, env: LiberoEnv, init_state: int, key: jax.Array) -> Trajectory:
-        """Runs one training episode with the train-time rule and stores it: replay (with the frozen-actor
-        cache of its observed rows) unless the rule learns nothing, and the success buffer when the actor
-        trains. Returns its trajectory (`cache_flops` set)."""
+    def rollout(self, envs: LiberoEnv | EnvPool, episodes: Sequence[tuple[int, jax.Array]]) -> list[Trajectory]:
+        """Training episodes (init state, key) with the train-time rule, in one env or in lockstep over a pool;
+        each decision also computes its observation's frozen-actor cache from the prefix it encoded to act
+        (unless the rule learns nothing). Nothing is stored yet: see `store`."""
         record = "step" if self.stride == 1 else "chunk"
-        trajectory = run_episodes(self.agent, self.learner, self.config.selection, env, [(init_state, key)],
-                                  record=record)[0]
+        seeds = self.cache_spec.num_seeds if self.learns else 0
+        return run_episodes(self.agent, self.learner, self.config.selection, envs, episodes, record=record,
+                            cache_seeds=seeds)
+
+    @property
+    def learns(self) -> bool:
+        """Whether the critics learn (the base rule uses nothing they learn, so its episodes are not stored)."""
+        return self.config.selection.rule != "base"
+
+    def store(self, trajectory: Trajectory) -> float:
+        """Stores one episode: the success buffer when the actor trains, and replay (with the frozen-actor cache
+        of its observed rows) when the critics learn. Returns the FLOPs the cache cost."""
         if trajectory.success and self.successes is not None:
             self.successes.add_episode(trajectory.decision_observations(), np.stack(trajectory.chunks))
-        self.last_cache_flops = 0.0
-        if self.config.selection.rule != "base":  # nothing the base rule uses is learned
-            self.last_cache_flops = self._store(trajectory, trajectory.key)
-        return trajectory
+        return self._store(trajectory) if self.learns else 0.0
 
-    def _store(self, trajectory: Trajectory, key: jax.Array) -> float:
-        """Adds one episode to replay. The acting side computes the frozen-actor cache of the rows a window can
-        start or bootstrap at (`Agent.cache`); replay only stores it. Returns the cache's FLOPs."""
+    def _store(self, trajectory: Trajectory) -> float:
+        """Adds one episode to replay. The acting side computed the frozen-actor cache of the rows it acted at;
+        the rest (the final observation, and every-step rows) is encoded here (`Agent.cache`); replay only
+        stores it."""
         actions = np.concatenate(trajectory.actions).astype(np.float32)
         rewards = np.concatenate(trajectory.rewards).astype(np.float32)
         length = len(actions)
         observed_rows = np.asarray(trajectory.rows)
         model_obs = self.agent.observations(trajectory.observations)
         spec = self.cache_spec
-        noise = np.asarray(jax.random.normal(key, (len(observed_rows), spec.num_seeds, spec.action_horizon,
-                                                  spec.action_dim)), np.float32)
-        cache_rows = self.agent.cache(model_obs, noise, batch_size=self.config.cache_batch)
+        missing = [i for i, r in enumerate(trajectory.rows) if r not in trajectory.cache]
+        encoded: dict[str, np.ndarray] = {}
+        if missing:
+            noise = row_noise(trajectory.cache_key, [trajectory.rows[i] for i in missing],
+                              (spec.num_seeds, spec.action_horizon, spec.action_dim))
+            take = lambda x: np.asarray(x)[missing]  # noqa: E731
+            encoded = self.agent.cache(jax.tree.map(take, model_obs), noise, batch_size=self.config.cache_batch)
+        from_acting = {i: trajectory.cache[r].cache_row() for i, r in enumerate(trajectory.rows) if r in trajectory.cache}
+        fields = encoded.keys() if encoded else next(iter(from_acting.values())).keys()
+        cache_rows = {k: np.stack([from_acting[i][k] if i in from_acting else encoded[k][missing.index(i)]
+                                   for i in range(len(observed_rows))]) for k in fields}
         inputs = critic_inputs(self.learner_config.chunk_critic.encoder, model_obs, cache_rows["features"])
         stored = {k: np.asarray(v) for k, v in inputs.items() if k != "features"}  # state, and images if read
         # Scatter the observed rows into per-step arrays; unobserved rows are never a window's s_t or s_{t+h}.
@@ -145,7 +161,8 @@ class Run:
         terminals[-1] = trajectory.success
         self.replay.add_episode(full_obs, actions, rewards, terminals, truncated=not trajectory.success,
                                 cache=full_cache)
-        return self._cache_row_flops * len(observed_rows)
+        # Acted rows cost the cache's denoising only (their prefix was encoded to act); the rest a prefix too.
+        return self._cache_denoise_flops * len(observed_rows) + self._prefix_flops * len(missing)
 
     # -- updates -------------------------------------------------------------------------------------------
 
@@ -191,10 +208,11 @@ class Run:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
-    def evaluate(self, env: LiberoEnv) -> float:
-        """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env`, or over
-        the eval worker processes when eval_num_workers > 1."""
-        n = min(self.config.eval_episodes, env.num_init_states)
+    def evaluate(self, env: LiberoEnv | EnvPool) -> float:
+        """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env` (the training
+        env, or the training pool in lockstep), or over eval worker processes of its own when eval_num_workers
+        > 1."""
+        n = min(self.config.eval_episodes, num_init_states(env))
         workers = min(self.config.eval_num_workers, n)
         if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
             self._eval_envs = make_libero_pool(self.config.env, workers)
