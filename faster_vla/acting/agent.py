@@ -35,6 +35,7 @@ from faster_vla.policies.pi05 import Observation, Prefix
 from faster_vla.policies.policy import Policy
 from faster_vla.policies.transforms import LIBERO_ACTION_DIM
 from faster_vla.acting.frozen_cache import cache_from_prefix, frozen_actor_cache
+from faster_vla.acting.mesh import DataParallel
 from faster_vla.rl.selection import SelectionConfig, select
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb")  # what the image encoder sees: agentview + wrist
@@ -122,7 +123,7 @@ class Agent:
     """
 
     def __init__(self, policy: Policy, config: LearnerConfig | None = None, *, num_steps: int = 10,
-                 seed: int = 0) -> None:
+                 seed: int = 0, parallel: DataParallel | None = None) -> None:
         actor_config = policy.actor.config
         if config is not None:
             h, a = config.chunk_critic.chunk_shape
@@ -140,6 +141,8 @@ class Agent:
         self.action_dim = LIBERO_ACTION_DIM if config is None else config.action_dim  # robot dims the rule emits
         self.num_steps = num_steps
         self._rng = jax.random.key(seed)
+        # Batches split over all local devices, parameters replicated (one device: nothing changes).
+        self.parallel = DataParallel() if parallel is None else parallel
         self._units: UnitFlops | None = None
 
     # -- FLOPs -----------------------------------------------------------------------------------------
@@ -237,6 +240,9 @@ class Agent:
         size = b if batch_size is None else batch_size
         if b == 0 or size < b:
             raise ValueError(f"act_batch needs 1 <= observations <= batch_size, got {b} and batch_size={batch_size}")
+        size = self.parallel.padded(size)  # the batch axis splits evenly over the devices
+        self.actor.params = self.parallel.replicate(self.actor.params)  # a no-op once they are
+        learner = None if learner is None else self.parallel.replicate(learner)
         if rngs is None:
             rngs = []
             for _ in range(b):
@@ -260,7 +266,7 @@ class Agent:
             return run
 
         start = time.perf_counter()
-        observation = self.observations([observations[r] for r in rows])
+        observation = self.parallel.shard(self.observations([observations[r] for r in rows]))
         timing["input_transform"] += 1e3 * (time.perf_counter() - start)
         prefix: Prefix = timed("encode", self.actor.encode)(observation)
         inputs = None if learner is None else critic_inputs(cfg.chunk_critic.encoder, observation, prefix.features)
@@ -272,6 +278,7 @@ class Agent:
             if pool.shape != (b, *shape):
                 raise ValueError(f"noise must be [{', '.join(map(str, (b, *shape)))}], got {list(pool.shape)}")
             pool = pool[rows]
+        pool = self.parallel.shard(pool)
 
         def denoise(idx: jax.Array) -> jax.Array:  # [size, M] -> robot dims [size, M, H, A]
             seeds = jnp.take_along_axis(pool, idx[:, :, None, None], axis=1)
@@ -335,13 +342,15 @@ class Agent:
         Includes the filter steps' x_t when the learner filters at several steps.
         """
         steps = self.cached_steps
+        batch_size = self.parallel.padded(batch_size)
+        self.actor.params = self.parallel.replicate(self.actor.params)
         b = int(np.asarray(observation.state).shape[0])
         parts = []
         for start in range(0, b, batch_size):
             stop = min(start + batch_size, b)
             pad = lambda x: np.concatenate([np.asarray(x)[start:stop]] +  # noqa: E731
                                            [np.asarray(x)[stop - 1: stop]] * (batch_size - (stop - start)))
-            chunk = frozen_actor_cache(self.actor, jax.tree.map(pad, observation), pad(noise),
+            chunk = frozen_actor_cache(self.actor, self.parallel.shard(jax.tree.map(pad, observation)), pad(noise),
                                        num_steps=self.num_steps, intermediate_steps=steps)
             parts.append({k: v[: stop - start] for k, v in chunk.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
