@@ -23,6 +23,7 @@ NUMBERS = ("median_s", "p90_s", "min_s", "first_call_s", "relative_error", "deci
 def _load_module():
     spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
