@@ -28,6 +28,7 @@ from faster_vla.critics.networks import PI05_LIBERO_CHUNK_CRITIC, PI05_LIBERO_NO
 from faster_vla.rl.learner import Learner, LearnerConfig
 from faster_vla.policies import pi05
 from faster_vla.policies.config import get_preset
+from faster_vla.selection import SelectionConfig
 
 
 class ActorNextDenoiser:
@@ -86,6 +87,26 @@ def make_batch(config: pi05.Pi05Config, utd: int, batch: int, k: int, feature_di
     }
 
 
+def pi05_libero_size_learner_config(actor_config: pi05.Pi05Config, *, utd: int = 10, batch_size: int = 32,
+                                    hidden_dims: tuple[int, ...] | None = None,
+                                    selection: SelectionConfig | None = None) -> LearnerConfig:
+    """pi05_libero's critic and edit-policy sizes (`hidden_dims` None), shaped for `actor_config`'s features,
+    horizon and action dim; `hidden_dims` shrinks all three (the device check's CPU rehearsal)."""
+    encoder = encoder_for_pi05(actor_config)
+    h = actor_config.action_horizon
+    sized = {} if hidden_dims is None else {"hidden_dims": hidden_dims}
+    extra = {} if selection is None else {"selection": selection}
+    return LearnerConfig(
+        chunk_critic=dataclasses.replace(PI05_LIBERO_CHUNK_CRITIC, encoder=encoder, chunk_shape=(h, 7), **sized),
+        noise_critic=dataclasses.replace(PI05_LIBERO_NOISE_CRITIC, encoder=encoder,
+                                         noise_shape=(h, actor_config.action_dim), **sized),
+        edit_policy=dataclasses.replace(PI05_LIBERO_EDIT_POLICY, encoder=encoder, chunk_shape=(h, 7), **sized),
+        utd=utd,
+        batch_size=batch_size,
+        **extra,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pi05_small")
@@ -98,15 +119,8 @@ def main() -> None:
 
     actor_config = get_preset(args.preset)
     actor = pi05.Pi05Actor(actor_config, pi05.init_params(actor_config, 0))
-    encoder = encoder_for_pi05(actor_config)
-    config = LearnerConfig(
-        chunk_critic=dataclasses.replace(PI05_LIBERO_CHUNK_CRITIC, encoder=encoder),
-        noise_critic=dataclasses.replace(PI05_LIBERO_NOISE_CRITIC, encoder=encoder,
-                                         noise_shape=(actor_config.action_horizon, actor_config.action_dim)),
-        edit_policy=dataclasses.replace(PI05_LIBERO_EDIT_POLICY, encoder=encoder),
-        utd=args.utd,
-        batch_size=args.batch_size,
-    )
+    config = pi05_libero_size_learner_config(actor_config, utd=args.utd, batch_size=args.batch_size)
+    encoder = config.chunk_critic.encoder
     example = {"features": jnp.zeros((1, encoder.feature_dim)), "state": jnp.zeros((1, encoder.state_dim))}
     learner = Learner.create(config, example)
     batch = jax.tree.map(jnp.asarray, make_batch(actor_config, args.utd, args.batch_size, args.num_candidates,
