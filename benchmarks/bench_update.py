@@ -28,7 +28,7 @@ from faster_vla.critics.networks import PI05_LIBERO_CHUNK_CRITIC, PI05_LIBERO_NO
 from faster_vla.rl.learner import Learner, LearnerConfig
 from faster_vla.policies import pi05
 from faster_vla.policies.config import get_preset
-from faster_vla.selection import SelectionConfig
+from faster_vla.rl.selection import SelectionConfig
 
 
 class ActorNextDenoiser:

@@ -218,7 +218,7 @@ class Model:
 def build_model(plan: Plan) -> tuple[Model, dict[str, Any]]:
     from bench_actor import build_params, check_param_count, libero_observation
     from faster_vla import checkpoints
-    from faster_vla.actor_source import SHIPPED_TOKENIZER, unit_norm_stats
+    from faster_vla.acting.actor_source import SHIPPED_TOKENIZER, unit_norm_stats
     from faster_vla.launch.demo import libero_observation as raw_libero_observation
     from faster_vla.policies import pi05
     from faster_vla.policies.config import get_preset
@@ -266,8 +266,8 @@ def section_actor(model: Model, plan: Plan, budget: Budget) -> dict[str, Any]:
 
 def make_learner(model: Model, plan: Plan, rule: str = "faster"):
     from bench_update import pi05_libero_size_learner_config
-    from faster_vla.learner import Learner
-    from faster_vla.selection import SelectionConfig
+    from faster_vla.rl.learner import Learner
+    from faster_vla.rl.selection import SelectionConfig
 
     config = pi05_libero_size_learner_config(model.config, utd=plan.utd, batch_size=plan.batch_size,
                                              hidden_dims=plan.critic_hidden,
@@ -280,8 +280,8 @@ def make_learner(model: Model, plan: Plan, rule: str = "faster"):
 def expo_unshared(agent: Any, learner: Any, raw: dict, key: jax.Array, num_candidates: int) -> np.ndarray:
     """EXPO without prefix sharing: each of the N candidates is a full sample (its own prefix encode, then its
     denoise), then the same edit and Q^a choice as `Agent.act_batch` with rule best_of_n (`select`)."""
-    from faster_vla.agent import _edit, _q_chunk, critic_inputs
-    from faster_vla.selection import SelectionConfig, select
+    from faster_vla.acting.agent import _edit, _q_chunk, critic_inputs
+    from faster_vla.rl.selection import SelectionConfig, select
 
     cfg, actor = agent.config, agent.actor
     observation = agent.observations([raw])
@@ -311,8 +311,8 @@ def expo_unshared(agent: Any, learner: Any, raw: dict, key: jax.Array, num_candi
 
 
 def section_decisions(model: Model, plan: Plan, budget: Budget) -> dict[str, Any]:
-    from faster_vla.agent import Agent
-    from faster_vla.selection import SelectionConfig
+    from faster_vla.acting.agent import Agent
+    from faster_vla.rl.selection import SelectionConfig
 
     config, learner = make_learner(model, plan)
     agent = Agent(model.policy, config, num_steps=plan.num_steps)
@@ -341,8 +341,8 @@ def section_decisions(model: Model, plan: Plan, budget: Budget) -> dict[str, Any
 
 
 def section_batched(model: Model, plan: Plan, budget: Budget) -> dict[str, Any]:
-    from faster_vla.agent import Agent
-    from faster_vla.selection import SelectionConfig
+    from faster_vla.acting.agent import Agent
+    from faster_vla.rl.selection import SelectionConfig
 
     config, learner = make_learner(model, plan)
     agent = Agent(model.policy, config, num_steps=plan.num_steps)
@@ -399,7 +399,7 @@ def section_serving(model: Model, plan: Plan, budget: Budget) -> dict[str, Any]:
 
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-    from faster_vla import serving
+    from faster_vla.serving import server as serving
     from faster_vla.launch.serve import warm_up
 
     warnings.filterwarnings("ignore", message=r"connect\(\) must be used as a context manager")
