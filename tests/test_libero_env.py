@@ -226,11 +226,14 @@ def test_pool_matches_single_env_and_reraises_worker_errors(env: LiberoEnv, acti
         assert pool.step_chunk([None, chunks[0][:1]])[0] is None  # None skips a worker
 
         assert pool.workers_alive() == [True, True]
-        with pytest.raises(EnvWorkerError, match=r"(?s)env worker 1 failed in reset\(\).*out of range.*traceback"):
+        with pytest.raises(EnvWorkerError, match=r"(?s)env worker 1 failed in reset\(\).*out of range.*traceback") as err:
             pool.reset([0, 999])
-        assert pool.closed and pool.workers_alive() == [False, False]
-        with pytest.raises(RuntimeError, match="closed"):
-            pool.reset([0, 0])
+        # Only the failed worker is stopped; the other's answer comes with the error.
+        assert err.value.failed == (1,) and set(err.value.results[0]) == OBS_KEYS
+        assert not pool.closed and pool.workers_alive() == [True, False]
+    assert pool.closed and pool.workers_alive() == [False, False]
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.reset([0, 0])
 
 
 class _ToyEnv:
@@ -252,9 +255,10 @@ class _ToyEnv:
 def test_pool_reports_dead_workers_and_failed_starts() -> None:
     with EnvPool([_ToyEnv, _ToyEnv]) as pool:
         assert pool.reset([5, 6]) == [5, 6]
-        with pytest.raises(EnvWorkerError, match=r"env worker 0 failed in reset\(\): worker exited \(exit code 3\)"):
+        with pytest.raises(EnvWorkerError, match=r"env worker 0 failed in reset\(\): worker exited \(exit code 3\)") as err:
             pool.reset([-1, 0])
-        assert pool.workers_alive() == [False, False]
+        assert err.value.results == [None, 0] and pool.workers_alive() == [False, True]
+    assert pool.workers_alive() == [False, False]
     started = r"(?s)env worker 1 failed in __init__\(\): FileNotFoundError: no such scene.*test_libero_env.py"
     with pytest.raises(EnvWorkerError, match=started):
         EnvPool([_ToyEnv, functools.partial(_ToyEnv, fail_on_create=True)])

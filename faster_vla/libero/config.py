@@ -5,6 +5,7 @@ it; `faster_vla.libero.env` runs the env)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Literal
 
 RenderMode = Literal["every_step", "chunk_boundary", "none"]
@@ -70,6 +71,54 @@ class LiberoEnvConfig:
                 "set max_steps explicitly"
             )
         return SUITE_MAX_STEPS[self.suite]
+
+
+EnvBackend = Literal["local", "ray"]
+ENV_BACKENDS: tuple[str, ...] = ("local", "ray")
+RAY_INSTALL_HINT = 'pip install -e ".[ray]"  (from the faster-vla checkout; or: pip install "faster-vla[ray]")'
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvsConfig:
+    """Where a run's env workers run (`--num-envs` of them); the policy and learner always stay in the run's
+    process, acting once per round on all workers' observations (docs/finetune.md, "Many envs, many machines")."""
+
+    backend: EnvBackend = "local"
+    """local: worker processes on this machine (with --num-envs 1, the env runs in the run's process); ray: each
+    worker a Ray actor on a Ray cluster (needs the ray extra: pip install -e ".[ray]")."""
+    ray_address: str | None = None
+    """With backend ray: the cluster to join ("auto": the one `ray start` runs on this machine, or its address,
+    e.g. "10.0.0.1:6379"); None: start a local Ray sized to the workers, stopped when the run ends."""
+    cpus_per_worker: float = 1.0
+    """With backend ray: CPUs Ray reserves for each env actor (rendering keeps about one core busy)."""
+    max_worker_failures: int = 3
+    """Env worker failures (a crash, a killed Ray actor, a lost node) a run survives: each loses only the
+    episode in flight, which is run again from its start on a replacement worker; one more stops the run (its
+    last checkpoint intact). Counted per process: a resumed run starts afresh. 0: the first failure stops it."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ENV_BACKENDS:
+            raise ValueError(f"envs.backend must be one of {ENV_BACKENDS}, got {self.backend!r}")
+        if self.ray_address is not None:
+            if self.backend != "ray":
+                raise ValueError(f"envs.ray_address ({self.ray_address!r}) is used only with envs.backend 'ray', "
+                                 f"got envs.backend {self.backend!r}")
+            if not isinstance(self.ray_address, str) or not self.ray_address.strip():
+                raise ValueError(f"envs.ray_address must be 'auto', a cluster address (host:port) or None, got "
+                                 f"{self.ray_address!r}")
+        if isinstance(self.cpus_per_worker, bool) or not isinstance(self.cpus_per_worker, (int, float)) \
+                or not self.cpus_per_worker > 0:
+            raise ValueError(f"envs.cpus_per_worker must be a number > 0, got {self.cpus_per_worker!r}")
+        if isinstance(self.max_worker_failures, bool) or not isinstance(self.max_worker_failures, int) \
+                or self.max_worker_failures < 0:
+            raise ValueError(f"envs.max_worker_failures must be an integer >= 0 (0: the first failure stops the "
+                             f"run), got {self.max_worker_failures!r}")
+
+    def check_available(self) -> None:
+        """Raises an ImportError saying how to install Ray when backend ray is asked for and Ray is missing
+        (without importing it: configs are read where Ray is not needed)."""
+        if self.backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ImportError(f"envs.backend 'ray' needs Ray, which is not installed: {RAY_INSTALL_HINT}")
 
 
 def check_num_workers(num_workers: int, flag: str = "num_workers") -> None:

@@ -566,10 +566,10 @@ class LiberoEnv:
         self.close()
 
 
-def make_libero_pool(
+def libero_env_factories(
     configs: LiberoEnvConfig | Sequence[LiberoEnvConfig], num_workers: int | None = None
-) -> EnvPool:
-    """An `EnvPool` of LiberoEnvs, one per worker process: one config repeated `num_workers` times, or one each.
+) -> list[functools.partial[LiberoEnv]]:
+    """One picklable LiberoEnv factory per worker: one config repeated `num_workers` times, or one each.
 
     Checks the install and the tasks in this process first, so a bad config fails here with a plain error
     rather than in every worker.
@@ -585,4 +585,11 @@ def make_libero_pool(
     for config in configs:
         resolve_task(config.suite, config.task)
         config.episode_max_steps()
-    return EnvPool([functools.partial(LiberoEnv, config) for config in configs])
+    return [functools.partial(LiberoEnv, config) for config in configs]
+
+
+def make_libero_pool(
+    configs: LiberoEnvConfig | Sequence[LiberoEnvConfig], num_workers: int | None = None
+) -> EnvPool:
+    """An `EnvPool` of LiberoEnvs, one per worker process (see `libero_env_factories`)."""
+    return EnvPool(libero_env_factories(configs, num_workers))

@@ -5,10 +5,15 @@ Training is rollout + store (`faster_vla.runs.run.Run.collect`), evaluation is r
 episode — its outcome, the decisions' FLOPs and timing and, when asked (`record`), the observations at the rows
 replay needs and the executed chunks.
 
-On CPU an env step is mostly rendering (~120-170 ms per rendered step, one core each), so an `EnvPool` of
-worker processes steps episodes in lockstep: each round, the observations of every live episode are stacked
-and the agent acts once on the batch (one encode, one denoise), then every worker executes its own chunk; an
-episode that ends frees its worker for the next one.
+On CPU an env step is mostly rendering (~120-170 ms per rendered step, one core each), so env workers (an
+`EnvPool` of processes, or a `RayEnvPool` of Ray actors) step episodes in lockstep: each round, the observations
+of every live episode are stacked and the agent acts once on the batch (one encode, one denoise), then every
+worker executes its own chunk; an episode that ends frees its worker for the next one.
+
+A worker that fails mid-episode (its env raised, its process or actor died, its node was lost) stops the
+episodes with an `EnvWorkerError`, unless a `WorkerRecovery` is given (a training run's): then only the
+episode in flight is lost — the worker is replaced and the episode runs again from its start with its own
+(init state, key), so it comes out as it would have — up to the recovery's budget of failures.
 
 An episode's randomness depends only on its own key (split once per decision), and `Agent.act_batch` gives
 each row its own noise pool, ensemble pairs and edit draw. The envs reset deterministically per init state
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -30,9 +35,9 @@ import numpy as np
 
 from faster_vla.acting.agent import Agent, Decision
 from faster_vla.acting.frozen_cache import row_noise
-from faster_vla.libero.config import LiberoEnvConfig, check_num_workers
-from faster_vla.libero.env import LiberoEnv, make_libero_pool
-from faster_vla.libero.env_pool import EnvPool, EnvWorkerError
+from faster_vla.libero.config import EnvsConfig, LiberoEnvConfig, check_num_workers
+from faster_vla.libero.env import LiberoEnv, libero_env_factories, make_libero_pool
+from faster_vla.libero.env_pool import EnvWorkerError, EnvWorkers
 from faster_vla.rl.learner import Learner
 from faster_vla.rl.selection import SelectionConfig
 
@@ -85,15 +90,60 @@ class Trajectory:
         return [at[r] for r in self.decision_rows]
 
 
-def open_envs(config: LiberoEnvConfig, num_workers: int) -> LiberoEnv | EnvPool:
-    """One env in this process (num_workers 1), or an `EnvPool` of that many worker processes; close it after."""
+def open_envs(config: LiberoEnvConfig, num_workers: int, envs: EnvsConfig | None = None) -> LiberoEnv | EnvWorkers:
+    """The envs episodes run in; close them after. On the local backend (the default): one env in this process
+    (num_workers 1), or an `EnvPool` of that many worker processes; on the ray backend, a `RayEnvPool` of that
+    many Ray actors (Ray is imported only then)."""
     check_num_workers(num_workers)
+    envs = envs or EnvsConfig()
+    if envs.backend == "ray":
+        envs.check_available()
+        from faster_vla.libero.ray_pool import RayEnvPool  # only the ray backend imports Ray
+
+        return RayEnvPool(libero_env_factories(config, num_workers), address=envs.ray_address,
+                          cpus_per_worker=envs.cpus_per_worker)
     return LiberoEnv(config) if num_workers == 1 else make_libero_pool(config, num_workers)
 
 
-def num_init_states(env: LiberoEnv | EnvPool) -> int:
+class WorkerFailuresExceededError(RuntimeError):
+    """Env workers failed more often than a `WorkerRecovery` allows."""
+
+
+@dataclasses.dataclass
+class WorkerRecovery:
+    """How episodes survive env workers that fail: the worker is replaced, the failure logged, and the episode
+    it was running starts again from its beginning; the failure after `max_failures` raises
+    `WorkerFailuresExceededError` (`failures` counts them over every `run_episodes` given this recovery)."""
+
+    max_failures: int
+    log: Callable[[str], None] = print
+    failures: int = 0
+
+    def replace(self, pool: EnvWorkers, worker: int, init_state: int | None, error: EnvWorkerError) -> None:
+        """Counts the failure of `worker` (running `init_state`, None: idle) and replaces it (a failed
+        replacement counts too); raises once the budget is spent."""
+        while True:
+            self.failures += 1
+            what = "idle" if init_state is None else f"running init state {init_state}"
+            message = error.messages.get(worker, str(error).splitlines()[0])
+            if self.failures > self.max_failures:
+                raise WorkerFailuresExceededError(
+                    f"env workers failed {self.failures} times, more than the {self.max_failures} recovered from; "
+                    f"stopping. The last: worker {worker} ({what}) failed in {error.method}(): {message}"
+                ) from error
+            self.log(f"env worker {worker} failed in {error.method}() ({what}): {message}; replacing the worker"
+                     + ("" if init_state is None else " and running the episode again from its start")
+                     + f" (failure {self.failures}; {self.max_failures} are recovered from)")
+            try:
+                pool.restart(worker)
+                return
+            except EnvWorkerError as again:
+                error = again
+
+
+def num_init_states(env: LiberoEnv | EnvWorkers) -> int:
     """How many fixed init states the task has (libero_90: 50), read from the env or the pool's first worker."""
-    if isinstance(env, EnvPool):  # a property, read through the pool's generic method call
+    if isinstance(env, EnvWorkers):  # a property, read through the pool's generic method call
         return int(env.call("__getattribute__", [("num_init_states",)] + [None] * (env.num_workers - 1))[0])
     return env.num_init_states
 
@@ -108,6 +158,7 @@ class _Live:
 
     def __init__(self, position: int, init_state: int, key: jax.Array, record: Record) -> None:
         self.position, self.key, self.record = position, key, record
+        self.episode = (init_state, key)  # to run it again from its start
         self.trajectory = Trajectory(init_state, False, 0, cache_key=jax.random.fold_in(key, CACHE_STREAM))
         self.obs: Any = None
 
@@ -154,12 +205,15 @@ class _Live:
         return bool(result.done or result.truncated)
 
 
-def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConfig, env: LiberoEnv | EnvPool,
+def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConfig, env: LiberoEnv | EnvWorkers,
                  episodes: Sequence[tuple[int, jax.Array]], *, record: Record = "none",
-                 cache_seeds: int = 0) -> list[Trajectory]:
+                 cache_seeds: int = 0, recovery: WorkerRecovery | None = None) -> list[Trajectory]:
     """One episode per (init state, key), returned in that order; in `env` one after another, or in lockstep
     over a pool. Episode i's decisions use keys split from its own key, whichever way it runs. `learner` may be
     None for the base rule, which calls no critic.
+
+    A pool's worker failure closes the pool and raises `EnvWorkerError`, or with `recovery`, costs only the
+    episode in flight, which runs again (see `WorkerRecovery`); an error raised here leaves the pool closed.
 
     `cache_seeds` K > 0: every decision also computes the frozen-actor cache of its observation (K noises and
     their chunks) from the prefix it encoded to act, while the env steps (`Trajectory.cache`); the rows no
@@ -171,8 +225,8 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
         raise ValueError(f"cache_seeds must be >= 0, got {cache_seeds}")
     episodes = [(int(i), k) for i, k in episodes]
     shape = (cache_seeds, agent.actor.config.action_horizon, agent.actor.config.action_dim) if cache_seeds else (0, 0, 0)
-    if isinstance(env, EnvPool):
-        return _run_lockstep(agent, learner, selection, env, episodes, record, shape)
+    if isinstance(env, EnvWorkers):
+        return _run_lockstep(agent, learner, selection, env, episodes, record, shape, recovery)
     out = []
     for position, (init_state, key) in enumerate(episodes):
         live = _Live(position, init_state, key, record)
@@ -187,24 +241,39 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
     return out
 
 
-def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionConfig, pool: EnvPool,
-                  episodes: list[tuple[int, jax.Array]], record: Record,
-                  cache_shape: tuple[int, int, int]) -> list[Trajectory]:
+def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionConfig, pool: EnvWorkers,
+                  episodes: list[tuple[int, jax.Array]], record: Record, cache_shape: tuple[int, int, int],
+                  recovery: WorkerRecovery | None) -> list[Trajectory]:
     """Every worker runs one episode at a time; each round the agent acts once on all live episodes."""
     workers = pool.num_workers
     queue = collections.deque(enumerate(episodes))
     live: dict[int, _Live] = {}  # worker -> its episode
     results: list[Trajectory | None] = [None] * len(episodes)
 
+    def answers(call: Callable[[Sequence[Any]], list[Any]], args: Sequence[Any]) -> list[Any]:
+        """`call(args)`'s results (a pool method); with recovery, a failed worker is replaced and its episode
+        queued again first (its result is None, as for a worker the call skipped)."""
+        try:
+            return call(args)
+        except EnvWorkerError as exc:
+            if recovery is None:
+                raise
+            for w in reversed(exc.failed):
+                lost = live.pop(w, None)
+                recovery.replace(pool, w, None if lost is None else lost.trajectory.init_state, exc)
+                if lost is not None:
+                    queue.appendleft((lost.position, lost.episode))
+            return exc.results
+
     def start_idle() -> None:  # idle workers take the next episodes; their resets run in parallel
-        starts: list[int | None] = [None] * workers
-        for w in range(workers):
-            if w not in live and queue:
-                position, (init_state, key) = queue.popleft()
-                live[w] = _Live(position, init_state, key, record)
-                starts[w] = init_state
-        if any(s is not None for s in starts):
-            for w, obs in enumerate(pool.reset(starts)):
+        while queue and len(live) < workers:  # again if a reset failed and its episode was queued again
+            starts: list[int | None] = [None] * workers
+            for w in range(workers):
+                if w not in live and queue:
+                    position, (init_state, key) = queue.popleft()
+                    live[w] = _Live(position, init_state, key, record)
+                    starts[w] = init_state
+            for w, obs in enumerate(answers(pool.reset, starts)):
                 if obs is not None:
                     live[w].start(obs)
 
@@ -221,7 +290,7 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
             by_worker = dict(zip(order, decisions))
             for w, decision in by_worker.items():
                 actions[w] = decision.actions
-            for w, result in enumerate(pool.step_chunk(actions)):
+            for w, result in enumerate(answers(pool.step_chunk, actions)):
                 if result is None:
                     continue
                 if live[w].advance(by_worker[w], result):
@@ -229,9 +298,14 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
                     results[done.position] = done.trajectory
             start_idle()
     except EnvWorkerError as exc:
+        pool.close()
         running = live.get(exc.worker)
         if running is not None:
             exc.add_note(f"worker {exc.worker} was running init state {running.trajectory.init_state}")
+        exc.add_note(WORKER_HINT)
+        raise
+    except WorkerFailuresExceededError as exc:
+        pool.close()
         exc.add_note(WORKER_HINT)
         raise
     return [r for r in results if r is not None]

@@ -12,7 +12,7 @@ from faster_vla.acting.flow_trainer import ActorFinetuneConfig
 from faster_vla.critics.edit_policy import EditPolicyConfig
 from faster_vla.critics.encoders import encoder_for_pi05
 from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
-from faster_vla.libero.config import STATE_DIM, LiberoEnvConfig, check_num_workers
+from faster_vla.libero.config import STATE_DIM, EnvsConfig, LiberoEnvConfig, check_num_workers
 from faster_vla.policies.transforms import LIBERO_ACTION_DIM
 from faster_vla.rl.filtering import FilterSchedule
 from faster_vla.rl.learner import LearnerConfig
@@ -113,11 +113,16 @@ class TrainConfig:
     eval_episodes: int = 10
     """Evaluation episodes, on the suite's init states 0..eval_episodes-1 (the same every time)."""
     num_envs: int = 1
-    """Training episodes stepped in lockstep over this many env worker processes, the policy acting once per
-    round on all of them (1: one env in this process). Episode i's init state and keys depend only on (seed, i);
-    the learner still takes `updates_per_episode` updates after each episode, but the episodes of a round act
-    with the learner of its start (rounds never straddle a checkpoint or an evaluation). Each worker needs
-    ~2 GB of RAM and, on CPU, about a core (rendering dominates a step)."""
+    """Training episodes stepped in lockstep over this many env workers (processes, or Ray actors with
+    --envs.backend ray), the policy acting once per round on all of them (1 on the local backend: one env in
+    this process). Episode i's init state and keys depend only on (seed, i); the learner still takes
+    `updates_per_episode` updates after each episode, but the episodes of a round act with the learner of its
+    start (rounds never straddle a checkpoint or an evaluation). Each worker needs ~2 GB of RAM and, on CPU,
+    about a core (rendering dominates a step)."""
+    envs: EnvsConfig = EnvsConfig()
+    """Where the env workers run (this machine's processes, or Ray actors on a Ray cluster) and how many worker
+    failures the run recovers from. Not part of the run: a resume may choose differently (config.json keeps
+    the defaults)."""
     eval_num_workers: int = 1
     """Env worker processes for the evaluation (1: the training env). More step the eval episodes in lockstep, the
     policy acting once per step on all of them; each needs ~2 GB of RAM and, on CPU, about a core (rendering

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from faster_vla.libero.rollout import num_init_states, open_envs
+from faster_vla.libero.config import EnvsConfig
+from faster_vla.libero.rollout import WorkerFailuresExceededError, num_init_states, open_envs
 from faster_vla.runs.config import TrainConfig
 from faster_vla.runs.logger import RunLogger
 from faster_vla.runs.run import Run
@@ -51,12 +52,17 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         return c.episodes >= config.episodes or (config.env_step_budget is not None
                                                  and c.env_steps >= config.env_step_budget)
 
-    # `resume` is how this process starts, not part of the run: the stored config never carries it.
-    with RunLogger(config.run_dir, dataclasses.replace(config, resume=False), resume=config.resume, wandb_mode=config.wandb_mode,
+    # `resume` and `envs` (where the env workers run) are how this process runs, not part of the run: the stored
+    # config carries their defaults, so a run may be resumed on another backend or cluster.
+    stored = dataclasses.replace(config, resume=False, envs=EnvsConfig())
+    with RunLogger(config.run_dir, stored, resume=config.resume, wandb_mode=config.wandb_mode,
                    total_env_steps=total_env_steps, progress=config.progress) as logger:
         if config.resume:
             logger.rewind(run.counters.episodes)  # drop records logged after the checkpoint
-        envs = open_envs(config.env, config.num_envs)
+        envs = open_envs(config.env, config.num_envs, config.envs)
+        if config.envs.backend == "ray":
+            log(f"env workers: {config.num_envs} Ray actors ({envs.name}-w*), on "
+                f"{config.envs.ray_address or 'a local Ray'}")
         try:
             key = jax.random.key(config.seed)
             init_states = num_init_states(envs)
@@ -98,7 +104,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                                "train/success_rate": c.successes / c.episodes,
                                "train/recent_success_rate": float(np.mean(recent)), "train/episode_steps": trajectory.steps,
                                "train/init_state": trajectory.init_state,
-                               "wall_s": c.wall_s}
+                               "envs/worker_failures": c.worker_failures, "wall_s": c.wall_s}
                     metrics.update({f"time_ms/{k}": v for k, v in trajectory.timing_ms.items()})
                     if infos:
                         metrics.update({f"update/{k}": float(np.mean([i[k] for i in infos])) for k in infos[0]})
@@ -116,6 +122,12 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                     logger.log(metrics, step=c.episodes)
                     if evaluate or c.episodes % config.checkpoint_every == 0:
                         run.save(eval_success if evaluate else None)
+        except WorkerFailuresExceededError as exc:  # raised before anything of the failed round was saved
+            latest = run.checkpointer.latest_episode
+            exc.add_note(f"the run's last checkpoint ({'none yet' if latest is None else f'episode {latest}'}) is "
+                         "intact: fix the cause and continue with --resume (--envs.max-worker-failures, now "
+                         f"{config.envs.max_worker_failures}, sets how many failures a run recovers from)")
+            raise
         finally:
             envs.close()
             run.close()

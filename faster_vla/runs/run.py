@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,14 +21,22 @@ from faster_vla.acting.agent import Agent, critic_inputs
 from faster_vla.acting.frozen_cache import row_noise
 from faster_vla.acting.flow_trainer import ActorTrainer
 from faster_vla.acting.success_buffer import SuccessBuffer
-from faster_vla.libero.env import LiberoEnv, check_libero_installed, make_libero_pool, resolve_task
-from faster_vla.libero.env_pool import EnvPool
-from faster_vla.libero.rollout import Trajectory, init_state_keys, num_init_states, run_episodes
+from faster_vla.libero.env import LiberoEnv, check_libero_installed, resolve_task
+from faster_vla.libero.env_pool import EnvWorkers
+from faster_vla.libero.rollout import (
+    Trajectory,
+    WorkerRecovery,
+    init_state_keys,
+    num_init_states,
+    open_envs,
+    run_episodes,
+)
 from faster_vla.policies import flops as actor_flops
 from faster_vla.rl.batches import to_learner_batch
 from faster_vla.rl.filtering import cached_steps
 from faster_vla.rl.learner import Learner
 from faster_vla.rl.replay import FrozenActorCacheSpec, ReplayBuffer
+from faster_vla.rl.selection import SelectionConfig
 from faster_vla.runs.checkpoint import RunCheckpointer
 from faster_vla.runs.config import TrainConfig, learner_config
 from faster_vla.shared.checks import raise_if_non_finite
@@ -51,6 +60,7 @@ class Counters:
     actor_updates: int = 0  # the actor's flow-loss steps (--actor-update success_bc)
     actor_update_flops: float = 0.0
     wall_s: float = 0.0
+    worker_failures: int = 0  # env workers replaced after failing mid-episode (their episodes ran again)
 
     @property
     def flops(self) -> float:
@@ -65,6 +75,7 @@ class Run:
         self.log = log
         ensure_writable_dir(config.run_dir)
         check_libero_installed()
+        config.envs.check_available()
         resolve_task(config.env.suite, config.env.task)
         config.env.episode_max_steps()
         config.actor.check()
@@ -96,7 +107,9 @@ class Run:
         self.checkpointer = RunCheckpointer(config.run_dir / "checkpoints", keep_last=config.keep_last,
                                             keep_best=config.keep_best)
         self._update_flops: float | None = None
-        self._eval_envs: EnvPool | None = None  # eval worker processes, when eval_num_workers > 1
+        self._eval_envs: EnvWorkers | None = None  # eval workers, when eval_num_workers > 1
+        # Env workers that fail mid-episode are replaced and their episodes run again, up to a budget.
+        self.recovery = WorkerRecovery(config.envs.max_worker_failures, log=log)
         self._prefix_flops = float(actor_flops.prefix_flops(actor_config))
         self._cache_denoise_flops = float(config.selection.num_candidates * config.num_steps
                                           * actor_flops.denoise_flops(actor_config, num_candidates=1, num_steps=1))
@@ -108,14 +121,22 @@ class Run:
 
     # -- one training episode: rollout + store ---------------------------------------------------------------
 
-    def rollout(self, envs: LiberoEnv | EnvPool, episodes: Sequence[tuple[int, jax.Array]]) -> list[Trajectory]:
+    def rollout(self, envs: LiberoEnv | EnvWorkers, episodes: Sequence[tuple[int, jax.Array]]) -> list[Trajectory]:
         """Training episodes (init state, key) with the train-time rule, in one env or in lockstep over a pool;
         each decision also computes its observation's frozen-actor cache from the prefix it encoded to act
         (unless the rule learns nothing). Nothing is stored yet: see `store`."""
         record = "step" if self.stride == 1 else "chunk"
         seeds = self.cache_spec.num_seeds if self.learns else 0
-        return run_episodes(self.agent, self.learner, self.config.selection, envs, episodes, record=record,
-                            cache_seeds=seeds)
+        return self._episodes(self.config.selection, envs, episodes, record=record, cache_seeds=seeds)
+
+    def _episodes(self, selection: SelectionConfig, envs: LiberoEnv | EnvWorkers,
+                  episodes: Sequence[tuple[int, jax.Array]], **kwargs: Any) -> list[Trajectory]:
+        """`run_episodes` with the run's worker recovery; its failures are counted in the counters."""
+        before = self.recovery.failures
+        try:
+            return run_episodes(self.agent, self.learner, selection, envs, episodes, recovery=self.recovery, **kwargs)
+        finally:
+            self.counters.worker_failures += self.recovery.failures - before
 
     @property
     def learns(self) -> bool:
@@ -211,21 +232,21 @@ class Run:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
-    def evaluate(self, env: LiberoEnv | EnvPool) -> float:
+    def evaluate(self, env: LiberoEnv | EnvWorkers) -> float:
         """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env` (the training
-        env, or the training pool in lockstep), or over eval worker processes of its own when eval_num_workers
-        > 1."""
+        env, or the training pool in lockstep), or over eval workers of its own (on the run's env backend) when
+        eval_num_workers > 1. A failed worker is replaced and its episode run again (the run's recovery)."""
         n = min(self.config.eval_episodes, num_init_states(env))
         workers = min(self.config.eval_num_workers, n)
         if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
-            self._eval_envs = make_libero_pool(self.config.env, workers)
+            self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
         envs = env if workers == 1 else self._eval_envs
         episodes = init_state_keys(range(n), jax.random.key(self.config.seed + EVAL_KEY_OFFSET))
-        results = run_episodes(self.agent, self.learner, self.eval_selection, envs, episodes)
+        results = self._episodes(self.eval_selection, envs, episodes)
         return float(np.mean([r.success for r in results]))
 
     def close(self) -> None:
-        """Stops the eval worker processes, if any were started."""
+        """Stops the eval workers, if any were started."""
         if self._eval_envs is not None:
             self._eval_envs.close()
 
