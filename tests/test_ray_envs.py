@@ -38,6 +38,7 @@ def _actor_of(pool: RayEnvPool, worker: int) -> str:
     return names[0]
 
 
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")  # ray.init: fork + exec
 def test_ray_pool_reports_failures_and_restarts_actors(tmp_path):
     (tmp_path / "5-0").write_text("")  # the env at init state 5 kills its actor's process at the first chunk
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -63,6 +64,16 @@ def test_ray_pool_reports_failures_and_restarts_actors(tmp_path):
         assert not [n for n in ray.util.list_named_actors() if n.startswith(pool.name)]
     finally:
         ray.shutdown()
+
+
+def test_a_pool_starts_a_local_ray_sized_for_the_workers_asked_and_stops_it(tmp_path):
+    assert not ray.is_initialized()
+    with RayEnvPool([functools.partial(ChunkEnv, str(tmp_path))], local_workers=3) as pool:
+        assert ray.cluster_resources()["CPU"] == 3  # room for a later pool of 2 (a run's eval workers)
+        with RayEnvPool([functools.partial(ChunkEnv, str(tmp_path))] * 2) as later:
+            assert [o["init_state"] for o in later.reset([1, 2])] == [1, 2]
+        assert pool.reset([4]) == [{"init_state": 4, "chunk": 0}]
+    assert not ray.is_initialized()
 
 
 def test_a_run_on_ray_actors_matches_local_workers_and_survives_a_killed_actor(tmp_path, monkeypatch):

@@ -88,7 +88,8 @@ class EnvsConfig:
     worker a Ray actor on a Ray cluster (needs the ray extra: pip install -e ".[ray]")."""
     ray_address: str | None = None
     """With backend ray: the cluster to join ("auto": the one `ray start` runs on this machine, or its address,
-    e.g. "10.0.0.1:6379"); None: start a local Ray sized to the workers, stopped when the run ends."""
+    e.g. "10.0.0.1:6379"); None: start a local Ray sized to the workers (training and eval), stopped when the
+    run ends."""
     cpus_per_worker: float = 1.0
     """With backend ray: CPUs Ray reserves for each env actor (rendering keeps about one core busy)."""
     max_worker_failures: int = 3

@@ -84,7 +84,8 @@ class RayEnvPool(EnvWorkers):
     """One env per Ray actor; commands go to all actors at once and the results are gathered in worker order."""
 
     def __init__(self, env_factories: Sequence[Callable[[], Any]], *, address: str | None = None,
-                 cpus_per_worker: float = 1.0, start_timeout_s: float | None = 600.0) -> None:
+                 cpus_per_worker: float = 1.0, local_workers: int | None = None,
+                 start_timeout_s: float | None = 600.0) -> None:
         """Starts one actor per factory and waits until every env is built (any failure closes them all).
 
         Args:
@@ -92,6 +93,8 @@ class RayEnvPool(EnvWorkers):
             address: the Ray cluster to join ("auto" or host:port); None: the Ray this process is connected to,
                 or a local one with `cpus_per_worker` CPUs per worker, stopped on close.
             cpus_per_worker: CPUs Ray reserves for each actor.
+            local_workers: the workers a local Ray started here is sized for (default: this pool's), so that
+                pools opened later in this process (a run's eval workers) fit in it too.
             start_timeout_s: how long to wait for the envs to be built, queueing for room included (None: forever).
         """
         if len(env_factories) == 0:
@@ -104,7 +107,8 @@ class RayEnvPool(EnvWorkers):
                 # JAX warns at every fork; Ray's daemons are started by fork + exec, which runs none of our threads.
                 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
                 if address is None:
-                    ray.init(num_cpus=math.ceil(cpus_per_worker * len(self._factories)), **quiet)
+                    workers = max(local_workers or 0, len(self._factories))
+                    ray.init(num_cpus=math.ceil(cpus_per_worker * workers), **quiet)
                 else:
                     ray.init(address=address, **quiet)
             self._owns_ray = True

@@ -90,10 +90,12 @@ class Trajectory:
         return [at[r] for r in self.decision_rows]
 
 
-def open_envs(config: LiberoEnvConfig, num_workers: int, envs: EnvsConfig | None = None) -> LiberoEnv | EnvWorkers:
+def open_envs(config: LiberoEnvConfig, num_workers: int, envs: EnvsConfig | None = None, *,
+              local_ray_workers: int | None = None) -> LiberoEnv | EnvWorkers:
     """The envs episodes run in; close them after. On the local backend (the default): one env in this process
     (num_workers 1), or an `EnvPool` of that many worker processes; on the ray backend, a `RayEnvPool` of that
-    many Ray actors (Ray is imported only then)."""
+    many Ray actors (Ray is imported only then), in a local Ray sized for `local_ray_workers` (default
+    num_workers) when there is no cluster address and this process has no Ray yet."""
     check_num_workers(num_workers)
     envs = envs or EnvsConfig()
     if envs.backend == "ray":
@@ -101,7 +103,7 @@ def open_envs(config: LiberoEnvConfig, num_workers: int, envs: EnvsConfig | None
         from faster_vla.libero.ray_pool import RayEnvPool  # only the ray backend imports Ray
 
         return RayEnvPool(libero_env_factories(config, num_workers), address=envs.ray_address,
-                          cpus_per_worker=envs.cpus_per_worker)
+                          cpus_per_worker=envs.cpus_per_worker, local_workers=local_ray_workers)
     return LiberoEnv(config) if num_workers == 1 else make_libero_pool(config, num_workers)
 
 

@@ -59,7 +59,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                    total_env_steps=total_env_steps, progress=config.progress) as logger:
         if config.resume:
             logger.rewind(run.counters.episodes)  # drop records logged after the checkpoint
-        envs = open_envs(config.env, config.num_envs, config.envs)
+        # A local Ray (ray backend, no address) is started here, sized for the eval workers opened later too.
+        eval_workers = config.eval_num_workers if config.eval_num_workers > 1 else 0
+        envs = open_envs(config.env, config.num_envs, config.envs, local_ray_workers=config.num_envs + eval_workers)
         if config.envs.backend == "ray":
             log(f"env workers: {config.num_envs} Ray actors ({envs.name}-w*), on "
                 f"{config.envs.ray_address or 'a local Ray'}")
