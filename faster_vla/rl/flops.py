@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -89,6 +90,12 @@ def decision_flops(selection: SelectionConfig, units: UnitFlops, *, num_steps: i
 
 def xla_flops(fn: Callable, *args) -> int:
     """FLOPs XLA counts for `fn(*args)` once compiled (for critics and edit policies of any architecture)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return compiled_flops(jax.jit(fn).lower(*args))
+
+
+def compiled_flops(lowered: Any) -> int:
+    """FLOPs XLA counts for a lowered computation (`jitted.lower(*args)`) once compiled. Lowering a jitted
+    function itself (not a wrapper) compiles the executable its next call with those args runs."""
+    cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return int(cost.get("flops", 0))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
-from faster_vla.rl.flops import xla_flops
+from faster_vla.rl.flops import compiled_flops
 from faster_vla.critics.edit_policy import (
     EditPolicy,
     EditPolicyConfig,
@@ -133,6 +133,24 @@ def _tile(inputs: Inputs, m: int) -> Inputs:
     return jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), inputs)
 
 
+@functools.cache
+def _networks(config: LearnerConfig) -> tuple[tuple[Any, optax.GradientTransformation], ...]:
+    """(module, optimiser) of the chunk critic, noise critic, edit policy and α, one set per config: their apply
+    functions and optimisers are the static part of a `Learner`, so learners of equal configs (a restore's
+    template, a second run in one process) share the compiled `update` and critic calls instead of compiling
+    them again."""
+    return ((ChunkCritic(config.chunk_critic), optax.adam(config.critic_lr)),
+            (NoiseCritic(config.noise_critic), optax.adam(config.critic_lr)),
+            (EditPolicy(config.edit_policy), optax.adam(config.policy_lr)),
+            (Temperature(config.init_temperature), optax.adam(config.temperature_lr)))
+
+
+def _train_state(*, apply_fn: Callable, params: Params, tx: optax.GradientTransformation) -> TrainState:
+    """`TrainState.create` with its step an int32 array, as `apply_gradients` returns it: with flax's Python int
+    0, the first `update` would compile for a weak-typed int and the second compile it all over again."""
+    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx).replace(step=jnp.zeros((), jnp.int32))
+
+
 class Learner(flax.struct.PyTreeNode):
     chunk_critic: TrainState
     chunk_target: Params
@@ -153,19 +171,16 @@ class Learner(flax.struct.PyTreeNode):
         h, a = config.chunk_critic.chunk_shape
         chunk = jnp.zeros((b, h, a))
         noise = jnp.zeros((b, 1, *config.noise_critic.noise_shape))
-        q_mod, dn_mod = ChunkCritic(config.chunk_critic), NoiseCritic(config.noise_critic)
-        pi_mod, t_mod = EditPolicy(config.edit_policy), Temperature(config.init_temperature)
+        (q_mod, q_tx), (dn_mod, dn_tx), (pi_mod, pi_tx), (t_mod, t_tx) = _networks(config)
         q_params = q_mod.init(k_q, example_inputs, chunk)
         dn_params = dn_mod.init(k_dn, example_inputs, noise)
         return cls(
-            chunk_critic=TrainState.create(apply_fn=q_mod.apply, params=q_params, tx=optax.adam(config.critic_lr)),
+            chunk_critic=_train_state(apply_fn=q_mod.apply, params=q_params, tx=q_tx),
             chunk_target=q_params,
-            noise_critic=TrainState.create(apply_fn=dn_mod.apply, params=dn_params, tx=optax.adam(config.critic_lr)),
+            noise_critic=_train_state(apply_fn=dn_mod.apply, params=dn_params, tx=dn_tx),
             noise_target=dn_params,
-            edit_policy=TrainState.create(apply_fn=pi_mod.apply, params=pi_mod.init(k_pi, example_inputs, chunk),
-                                          tx=optax.adam(config.policy_lr)),
-            temperature=TrainState.create(apply_fn=t_mod.apply, params=t_mod.init(k_t),
-                                          tx=optax.adam(config.temperature_lr)),
+            edit_policy=_train_state(apply_fn=pi_mod.apply, params=pi_mod.init(k_pi, example_inputs, chunk), tx=pi_tx),
+            temperature=_train_state(apply_fn=t_mod.apply, params=t_mod.init(k_t), tx=t_tx),
             rng=rng,
             step=jnp.zeros((), jnp.int32),
             config=config,
@@ -371,8 +386,9 @@ class Learner(flax.struct.PyTreeNode):
         return self.replace(edit_policy=edit_policy, temperature=temperature), info
 
     def update_flops(self, batch: dict, next_denoiser: NextDenoiser | None = None) -> int:
-        """FLOPs XLA counts for one `update(batch, next_denoiser)`: with the cache, critics only (no actor)."""
-        return xla_flops(lambda learner, b: learner.update(b, next_denoiser), self, batch)
+        """FLOPs XLA counts for one `update(batch, next_denoiser)`: with the cache, critics only (no actor).
+        Compiles `update` itself for these shapes, so the update that follows does not compile it again."""
+        return compiled_flops(Learner.update.lower(self, batch, next_denoiser=next_denoiser))
 
     @functools.partial(jax.jit, static_argnames="next_denoiser")
     def update(self, batch: dict, next_denoiser: NextDenoiser | None = None) -> tuple[Learner, dict]:
