@@ -117,10 +117,11 @@ def acting_for(config: EvalConfig) -> Acting:
     if config.run_dir is not None:
         train_config, learner, episode = load_run(config.run_dir, config.checkpoint)
         selection = dataclasses.replace(train_config.selection, temperature=0.0)
-        policy = train_config.actor.build(policy_seed=config.seed)
+        # The run's denoising steps (its filter schedule, if any, is laid out over them).
+        policy = train_config.actor.build(num_steps=train_config.num_steps, policy_seed=config.seed)
         load_trained_actor(config.run_dir, train_config, episode, policy)  # its tuned actor, if it trained one
-        return Acting(Agent(policy, learner.config, seed=config.seed), learner, selection,
-                      f"run {config.run_dir} checkpoint {episode} ({selection.rule})")
+        return Acting(Agent(policy, learner.config, num_steps=train_config.num_steps, seed=config.seed), learner,
+                      selection, f"run {config.run_dir} checkpoint {episode} ({selection.rule})")
     policy = config.actor.build(policy_seed=config.seed)
     return Acting(Agent(policy, seed=config.seed), None, SelectionConfig("base", num_candidates=1),
                   f"base policy {config.actor.preset}")  # the base rule calls no critic
