@@ -1,9 +1,18 @@
 """Image resizing and scaling exactly as openpi feeds images to π0.5.
 
-`resize_with_pad` reproduces `openpi.shared.image_tools.resize_with_pad` (the JAX one the model's
-`preprocess_observation` applies): an antialiased bilinear `jax.image.resize` to the largest size that fits,
-then centred padding (black: 0 for uint8, -1.0 for float images in [-1, 1]). The resize runs on the CPU
-so that results are bit-identical to openpi's CPU goldens whatever accelerator is attached.
+openpi resizes in two places, with two different functions:
+
+- the model side: `resize_with_pad` reproduces `openpi.shared.image_tools.resize_with_pad` (the JAX one that
+  openpi's input transforms and the model's `preprocess_observation` apply): an antialiased bilinear
+  `jax.image.resize` to the largest size that fits, then centred padding (black: 0 for uint8, -1.0 for float
+  images in [-1, 1]). The resize runs on the CPU so that results are bit-identical to openpi's CPU goldens
+  whatever accelerator is attached.
+- the client side: `resize_with_pad_pil` reproduces `openpi_client.image_tools.resize_with_pad`, which
+  openpi's LIBERO client (examples/libero/main.py) applies to the 256² renders before sending them (to 224²):
+  PIL's bilinear resize, pasted on black at PIL's offsets. Its pixels differ from the JAX resize's by a few
+  levels (another filter support, 8-bit fixed-point arithmetic); `faster-vla eval --protocol openpi` uses it.
+
+Both are checked against goldens of openpi's own functions (tests/test_image_tools.py, tests/test_resize_parity.py).
 """
 
 from __future__ import annotations
@@ -72,3 +81,37 @@ def to_model_image(images: np.ndarray) -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f"to_model_image expects uint8 images, got dtype {images.dtype}")
     return images.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+
+
+def resize_with_pad_pil(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """openpi's client-side resize (`openpi_client.image_tools.resize_with_pad`, PIL bilinear): uint8 images
+    [..., h, w, c] -> [..., height, width, c], pixel for pixel what openpi's LIBERO client sends.
+
+    Each image is resized with PIL to the largest size that fits (the same sizes as `resize_with_pad`), then
+    pasted on a black image at (int((width - w) / 2), int((height - h) / 2)), as openpi_client does. Images
+    already at the target size are returned unchanged. Needs Pillow (a faster-vla dependency).
+    """
+    from PIL import Image  # noqa: PLC0415 - only the client-side path needs PIL
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"resize_with_pad_pil expects uint8 images (what openpi's client sends), got dtype "
+                         f"{images.dtype}")
+    if images.ndim < 3 or images.shape[-1] != 3:
+        raise ValueError(f"resize_with_pad_pil expects RGB images shaped [..., h, w, 3], got shape {images.shape}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    if images.shape[-3:-1] == (height, width):
+        return images
+    if 0 in images.shape[-3:-1]:
+        raise ValueError(f"cannot resize an empty image of shape {images.shape}")
+    cur_height, cur_width = images.shape[-3:-1]
+    ratio = max(cur_width / width, cur_height / height)
+    resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
+    top, left = max(0, int((height - resized_height) / 2)), max(0, int((width - resized_width) / 2))
+    flat = images.reshape(-1, *images.shape[-3:])
+    out = np.zeros((flat.shape[0], height, width, 3), dtype=np.uint8)
+    for i, image in enumerate(flat):
+        resized = Image.fromarray(image).resize((resized_width, resized_height), resample=Image.BILINEAR)
+        out[i, top:top + resized_height, left:left + resized_width] = np.asarray(resized)
+    return out.reshape(*images.shape[:-3], *out.shape[1:])

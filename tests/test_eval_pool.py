@@ -111,6 +111,7 @@ def test_evaluate_with_workers_reports_the_same_episodes(libero_installed, tmp_p
     config = EvalConfig(actor=actor, tasks=("0",), trials=2, max_steps=10, output=tmp_path / "one.json")
     one = evaluate(config, log=lambda *_: None)
     two = evaluate(dataclasses.replace(config, num_workers=2, output=tmp_path / "two.json"), log=lambda *_: None)
+    assert (one.pop("num_workers"), two.pop("num_workers")) == (1, 2)  # the report says how it ran
     assert two == one
     assert [e["init_state"] for e in two["tasks"]["0"]["episodes"]] == [0, 1]
 

@@ -109,9 +109,12 @@ def test_metric_values_must_be_scalars(tmp_path):
             log.log({"q": np.zeros(3)}, step=1)
         with pytest.raises(ValueError, match="reserved"):
             log.log({"step": 1}, step=1)
-        log.log({"q": np.ones((1, 1)), "flag": np.bool_(True), "nan": float("nan")}, step=1)
+        log.log({"q": np.ones((1, 1)), "flag": np.bool_(True), "nan": float("nan"),
+                 "env_steps": 10, "eval/success_rate": 0.5, "eval/protocol": "openpi"}, step=1)  # a text label
+        assert log.plot()  # the plots read the numbers and skip the label
     record = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert record["q"] == 1.0 and record["flag"] is True and np.isnan(record["nan"])
+    assert record["eval/protocol"] == "openpi"
 
 
 def test_unwritable_run_folder_fails_up_front(tmp_path):

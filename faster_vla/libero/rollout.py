@@ -17,7 +17,7 @@ episode in flight is lost — the worker is replaced and the episode runs again 
 
 An episode's randomness depends only on its own key (split once per decision), and `Agent.act_batch` gives
 each row its own noise pool, ensemble pairs and edit draw. The envs reset deterministically per init state
-(`LiberoEnv.reset`). So which worker runs an episode, and which episodes share its batches, changes its chunks
+(`LiberoEnv.reset`; not under the openpi protocol, whose resets draw from one stream per env, as openpi's do). So which worker runs an episode, and which episodes share its batches, changes its chunks
 only by float rounding: XLA rounds a batch of 1 (matrix-vector products) differently from larger ones, ~1e-7
 in a chunk, which the simulator carries into later observations; a long episode that is a near-tie can
 therefore end differently.
@@ -35,7 +35,7 @@ import numpy as np
 
 from faster_vla.acting.agent import Agent, Decision
 from faster_vla.acting.frozen_cache import row_noise
-from faster_vla.libero.config import EnvsConfig, LiberoEnvConfig, check_num_workers
+from faster_vla.libero.config import PROTOCOLS, EnvsConfig, EvalProtocol, LiberoEnvConfig, check_num_workers
 from faster_vla.libero.env import LiberoEnv, libero_env_factories, make_libero_pool
 from faster_vla.libero.env_pool import EnvWorkerError, EnvWorkers
 from faster_vla.rl.learner import Learner
@@ -209,7 +209,8 @@ class _Live:
 
 def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConfig, env: LiberoEnv | EnvWorkers,
                  episodes: Sequence[tuple[int, jax.Array]], *, record: Record = "none",
-                 cache_seeds: int = 0, recovery: WorkerRecovery | None = None) -> list[Trajectory]:
+                 cache_seeds: int = 0, recovery: WorkerRecovery | None = None,
+                 protocol: EvalProtocol = PROTOCOLS["chunk"]) -> list[Trajectory]:
     """One episode per (init state, key), returned in that order; in `env` one after another, or in lockstep
     over a pool. Episode i's decisions use keys split from its own key, whichever way it runs. `learner` may be
     None for the base rule, which calls no critic.
@@ -220,6 +221,9 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
     `cache_seeds` K > 0: every decision also computes the frozen-actor cache of its observation (K noises and
     their chunks) from the prefix it encoded to act, while the env steps (`Trajectory.cache`); the rows no
     decision was made at (the final observation, every-step rows) are left to the caller (`Agent.cache`).
+
+    `protocol` sets what the env executes of each decided chunk (`EvalProtocol.executed`: the whole chunk, or
+    openpi's first 5 actions); the env itself must already be the protocol's (`EvalProtocol.env_config`).
     """
     if record not in ("none", "chunk", "step"):
         raise ValueError(f"record must be 'none', 'chunk' or 'step', got {record!r}")
@@ -228,7 +232,7 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
     episodes = [(int(i), k) for i, k in episodes]
     shape = (cache_seeds, agent.actor.config.action_horizon, agent.actor.config.action_dim) if cache_seeds else (0, 0, 0)
     if isinstance(env, EnvWorkers):
-        return _run_lockstep(agent, learner, selection, env, episodes, record, shape, recovery)
+        return _run_lockstep(agent, learner, selection, env, episodes, record, shape, recovery, protocol)
     out = []
     for position, (init_state, key) in enumerate(episodes):
         live = _Live(position, init_state, key, record)
@@ -238,14 +242,14 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
             noise = live.cache_noise(shape)[None] if cache_seeds else None
             decision = agent.act_batch(learner, [live.obs], selection=selection, rngs=[live.next_key()],
                                        cache_noise=noise)[0]
-            over = live.advance(decision, env.step_chunk(decision.actions))
+            over = live.advance(decision, env.step_chunk(protocol.executed(decision.actions)))
         out.append(live.trajectory)
     return out
 
 
 def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionConfig, pool: EnvWorkers,
                   episodes: list[tuple[int, jax.Array]], record: Record, cache_shape: tuple[int, int, int],
-                  recovery: WorkerRecovery | None) -> list[Trajectory]:
+                  recovery: WorkerRecovery | None, protocol: EvalProtocol) -> list[Trajectory]:
     """Every worker runs one episode at a time; each round the agent acts once on all live episodes."""
     workers = pool.num_workers
     queue = collections.deque(enumerate(episodes))
@@ -291,7 +295,7 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
             actions: list[Any] = [None] * workers
             by_worker = dict(zip(order, decisions))
             for w, decision in by_worker.items():
-                actions[w] = decision.actions
+                actions[w] = protocol.executed(decision.actions)
             for w, result in enumerate(answers(pool.step_chunk, actions)):
                 if result is None:
                     continue

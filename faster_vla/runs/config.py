@@ -12,7 +12,7 @@ from faster_vla.acting.flow_trainer import ActorFinetuneConfig
 from faster_vla.critics.edit_policy import EditPolicyConfig
 from faster_vla.critics.encoders import encoder_for_pi05
 from faster_vla.critics.networks import ChunkCriticConfig, NoiseCriticConfig
-from faster_vla.libero.config import STATE_DIM, EnvsConfig, LiberoEnvConfig, check_num_workers
+from faster_vla.libero.config import STATE_DIM, EnvsConfig, LiberoEnvConfig, ProtocolName, check_num_workers, get_protocol
 from faster_vla.policies.transforms import LIBERO_ACTION_DIM
 from faster_vla.rl.filtering import FilterSchedule
 from faster_vla.rl.learner import LearnerConfig
@@ -112,6 +112,11 @@ class TrainConfig:
     """Evaluate every this many episodes (0: never); also at the end."""
     eval_episodes: int = 10
     """Evaluation episodes, on the suite's init states 0..eval_episodes-1 (the same every time)."""
+    eval_protocol: ProtocolName = "chunk"
+    """How the evaluations run (docs/finetune.md, "Evaluation protocols"): chunk, whole chunks in the training
+    env (as training acts); openpi, openpi's LIBERO client exactly (replan every 5 steps, 256² renders at every
+    step resized to 224² by PIL, hard resets, the suite's max steps whatever env.max_steps says), in eval envs
+    of its own opened for each evaluation. Logged with each evaluation (eval/protocol)."""
     num_envs: int = 1
     """Training episodes stepped in lockstep over this many env workers (processes, or Ray actors with
     --envs.backend ray), the policy acting once per round on all of them (1 on the local backend: one env in
@@ -160,6 +165,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_num_workers(self.num_envs, "num_envs")
         check_num_workers(self.eval_num_workers, "eval_num_workers")
+        get_protocol(self.eval_protocol)  # an unknown name fails here, listing the protocols
         if self.env_step_budget is not None and self.env_step_budget < 1:
             raise ValueError(f"env_step_budget must be >= 1 or None, got {self.env_step_budget}")
         if self.eval_every < 0:

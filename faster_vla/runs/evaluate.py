@@ -1,7 +1,9 @@
 """Scoring policies on LIBERO tasks: the base π0.5, a fine-tuning run's checkpoint or a bundle; task selection.
 
 `evaluate` runs `trials` episodes per task on the suite's init states 0..trials-1 (openpi's protocol uses 50)
-and writes per-task success to a JSON file atomically; `num_workers > 1` runs them in lockstep over env worker
+under an evaluation protocol (`--protocol`: `chunk`, whole chunks as FASTER trains, or `openpi`, openpi's LIBERO
+client exactly; `faster_vla.libero.config.EvalProtocol`) and writes per-task success, and the protocol, to a
+JSON file atomically; `num_workers > 1` runs them in lockstep over env worker
 processes (`faster_vla.libero.rollout`), with the same per-episode keys. A run's checkpoint acts with the run's
 own selection rule, greedily (its learner's critics and edit policy); the base policy acts with the `base`
 rule, which is exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90
@@ -24,7 +26,7 @@ from faster_vla.acting.agent import Agent
 from faster_vla.rl.learner import Learner
 from faster_vla.runs.loading import load_run, load_trained_actor
 from faster_vla.libero.env import LiberoEnvConfig, check_libero_installed, parse_task, resolve_task
-from faster_vla.libero.config import check_num_workers
+from faster_vla.libero.config import SUITE_MAX_STEPS, ProtocolName, check_num_workers, get_protocol
 from faster_vla.libero.rollout import init_state_keys, num_init_states, open_envs, run_episodes
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
 from faster_vla.rl.selection import SelectionConfig
@@ -59,10 +61,17 @@ class EvalConfig:
     """Task ids or names within the suite."""
     trials: int = 10
     """Episodes per task, on the suite's init states 0..trials-1 (openpi's evaluation uses 50)."""
+    protocol: ProtocolName = "chunk"
+    """How episodes run (docs/finetune.md, "Evaluation protocols"): chunk, every decided chunk executed whole
+    (as FASTER trains and the paper evaluates), in an env rendering at the model's input size; openpi, openpi's
+    LIBERO client exactly (examples/libero/main.py): replan after the first 5 actions of each chunk, 256²
+    renders at every step resized with pad to 224² by PIL before the policy's own transforms, hard resets,
+    one placement RNG stream per env seeded with --seed, the suite's max steps. Recorded in the output."""
     max_steps: int | None = None
-    """Steps per episode; None: the suite's default (libero_90: 400)."""
-    render_mode: Literal["every_step", "chunk_boundary"] = "chunk_boundary"
-    """Render every step or only where the policy needs an observation (same episodes, less CPU)."""
+    """Steps per episode; None: the suite's default (libero_90: 400). --protocol openpi runs the suite's."""
+    render_mode: Literal["every_step", "chunk_boundary"] | None = None
+    """Render every step or only where the policy needs an observation (same episodes, less CPU). None: the
+    protocol's (chunk: chunk_boundary; openpi: every_step, which it requires)."""
     output: Path = Path("eval.json")
     """Where to write the per-task results (JSON, written atomically)."""
     seed: int = 7
@@ -80,6 +89,14 @@ class EvalConfig:
             raise ValueError("give at least one task (--tasks 0 1 ... or task names)")
         if self.run_dir is not None and self.bundle is not None:
             raise ValueError("--run-dir and --bundle both name the policy to evaluate: pass one")
+        protocol = get_protocol(self.protocol)
+        if protocol.render_mode is not None and self.render_mode not in (None, protocol.render_mode):
+            raise ValueError(f"--protocol {self.protocol} renders {protocol.render_mode}, as openpi's client does; "
+                             f"drop --render-mode {self.render_mode}")
+        if protocol.suite_episode and self.max_steps not in (None, SUITE_MAX_STEPS.get(self.suite)):
+            raise ValueError(f"--protocol {self.protocol} runs the suite's max steps, as openpi's client does "
+                             f"({self.suite}: {SUITE_MAX_STEPS.get(self.suite, 'none')}); drop --max-steps "
+                             f"{self.max_steps}, or use --protocol chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,23 +155,30 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
     acting = (make_acting or acting_for)(config)
     agent, learner, selection, what = acting.agent, acting.learner, acting.selection, acting.description
     results: dict[str, Any] = {}
-    # Camera images reach the policy at its own input size (resize-with-pad in the env, as in openpi's LIBERO
-    # example and the recorded demonstrations), not resized twice.
+    # chunk: camera images reach the policy at its own input size (resize-with-pad in the env, as the built-in
+    # model's demonstrations were recorded), not resized twice; openpi: at openpi's client's 224² (PIL), which
+    # the policy's input transforms resize to its own size, as openpi's server does.
+    protocol = get_protocol(config.protocol)
     image_size = agent.actor.config.siglip.image_size
     for task in tasks:
-        env_config = LiberoEnvConfig(suite=config.suite, task=task.task_id, max_steps=config.max_steps,
-                                     seed=config.seed, render_mode=config.render_mode, image_size=image_size)
+        env_config = protocol.env_config(
+            LiberoEnvConfig(suite=config.suite, task=task.task_id, max_steps=config.max_steps, seed=config.seed,
+                            render_mode=config.render_mode or "chunk_boundary"), image_size)
         with open_envs(env_config, min(config.num_workers, config.trials)) as env:
             init_states = range(min(config.trials, num_init_states(env)))
-            episodes = run_episodes(agent, learner, selection, env, init_state_keys(init_states, jax.random.key(config.seed)))
+            episodes = run_episodes(agent, learner, selection, env, init_state_keys(init_states, jax.random.key(config.seed)),
+                                    protocol=protocol)
         successes = [e.success for e in episodes]
         rate = float(np.mean(successes))
         results[str(task.task_id)] = {"name": task.name, "instruction": task.instruction, "trials": len(successes),
                                       "successes": int(sum(successes)), "success_rate": rate,
                                       "ci95": wilson_interval(int(sum(successes)), len(successes)),
                                       "episodes": [e.summary() for e in episodes]}
-        log(f"{what}: {config.suite} task {task.task_id} ({task.name}): {rate:.0%} of {len(successes)}")
-    report = {"policy": what, "suite": config.suite, "max_steps": config.max_steps, "seed": config.seed, "tasks": results,
+        log(f"{what}: {config.suite} task {task.task_id} ({task.name}): {rate:.0%} of {len(successes)} "
+            f"(protocol {protocol.name})")
+    report = {"policy": what, "suite": config.suite, "protocol": protocol.record(),
+              "max_steps": env_config.episode_max_steps(), "seed": config.seed,
+              "num_workers": config.num_workers, "tasks": results,
               "mean_success": float(np.mean([r["success_rate"] for r in results.values()]))}
     atomic_write(Path(config.output), (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -333,7 +333,7 @@ class RunLogger:
     # -- logging ------------------------------------------------------------------------------------------
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Appends one record (scalars only; env_steps, episodes, flops... as the caller counts them) to
+        """Appends one record (scalars or text labels; env_steps, episodes, flops... as the caller counts them) to
         metrics.jsonl, wandb and the progress bar, and refreshes the plots every `plot_every` calls."""
         if self._closed:
             raise RuntimeError("this RunLogger is closed")
@@ -427,8 +427,11 @@ def _import_wandb(mode: str, run_dir: Path) -> Any:
     return wandb
 
 
-def _scalar(name: str, value: Any) -> int | float | bool:
-    """A metric value as a Python scalar; arrays of one element are accepted (jax/numpy results)."""
+def _scalar(name: str, value: Any) -> int | float | bool | str:
+    """A metric value as a Python scalar; arrays of one element are accepted (jax/numpy results), and text
+    labels (e.g. eval/protocol) pass as they are (the plots read numbers only)."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, numbers.Integral):

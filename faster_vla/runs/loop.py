@@ -121,6 +121,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                     if evaluate:
                         eval_success = run.evaluate(envs)
                         metrics["eval/success_rate"] = eval_success
+                        metrics["eval/protocol"] = config.eval_protocol  # which protocol scored it
                     logger.log(metrics, step=c.episodes)
                     if evaluate or c.episodes % config.checkpoint_every == 0:
                         run.save(eval_success if evaluate else None)

@@ -21,6 +21,7 @@ from faster_vla.acting.agent import Agent, critic_inputs
 from faster_vla.acting.frozen_cache import row_noise
 from faster_vla.acting.flow_trainer import ActorTrainer
 from faster_vla.acting.success_buffer import SuccessBuffer
+from faster_vla.libero.config import get_protocol
 from faster_vla.libero.env import LiberoEnv, check_libero_installed, resolve_task
 from faster_vla.libero.env_pool import EnvWorkers
 from faster_vla.libero.rollout import (
@@ -235,13 +236,22 @@ class Run:
     def evaluate(self, env: LiberoEnv | EnvWorkers) -> float:
         """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env` (the training
         env, or the training pool in lockstep), or over eval workers of its own (on the run's env backend) when
-        eval_num_workers > 1. A failed worker is replaced and its episode run again (the run's recovery)."""
+        eval_num_workers > 1. A failed worker is replaced and its episode run again (the run's recovery). With
+        --eval-protocol openpi the episodes run in envs of that protocol, opened for this evaluation only."""
         n = min(self.config.eval_episodes, num_init_states(env))
         workers = min(self.config.eval_num_workers, n)
+        episodes = init_state_keys(range(n), jax.random.key(self.config.seed + EVAL_KEY_OFFSET))
+        protocol = get_protocol(self.config.eval_protocol)
+        if protocol.name != "chunk":
+            # Its own envs (openpi's renders, resets and episode length), opened afresh for each evaluation: a
+            # placement stream seeded at creation, so every evaluation sees the same fixture placements.
+            env_config = protocol.env_config(self.config.env, self.policy.actor.config.siglip.image_size)
+            with open_envs(env_config, workers, self.config.envs) as envs:
+                results = self._episodes(self.eval_selection, envs, episodes, protocol=protocol)
+            return float(np.mean([r.success for r in results]))
         if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
             self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
         envs = env if workers == 1 else self._eval_envs
-        episodes = init_state_keys(range(n), jax.random.key(self.config.seed + EVAL_KEY_OFFSET))
         results = self._episodes(self.eval_selection, envs, episodes)
         return float(np.mean([r.success for r in results]))
 
