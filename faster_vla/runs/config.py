@@ -108,6 +108,10 @@ class TrainConfig:
     """Replay size in env steps (whole episodes are evicted, oldest first)."""
     cache_batch: int = 16
     """Observations per actor call when caching an episode."""
+    cache_from_acting: bool = True
+    """Compute the frozen-actor cache of each row a decision was made at from the prefix that decision encoded
+    (no observation is encoded twice). False encodes every stored observation again after its episode (the
+    cache is the same up to float rounding; for measuring what the shared encode saves)."""
     eval_every: int = 10
     """Evaluate every this many episodes (0: never); also at the end."""
     eval_episodes: int = 10

@@ -121,6 +121,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                     if evaluate:
                         eval_success = run.evaluate(envs)
                         metrics["eval/success_rate"] = eval_success
+                    # Cumulative wall time per stage (the checkpoint written below shows in the next record).
+                    metrics.update({f"time_s/{k}": v for k, v in c.time_s.items()})
                     logger.log(metrics, step=c.episodes)
                     if evaluate or c.episodes % config.checkpoint_every == 0:
                         run.save(eval_success if evaluate else None)

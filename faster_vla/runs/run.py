@@ -11,6 +11,7 @@ actor produced when they were stored (their prefix features stay exact: the VLM 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from faster_vla.acting.success_buffer import SuccessBuffer
 from faster_vla.libero.env import LiberoEnv, check_libero_installed, resolve_task
 from faster_vla.libero.env_pool import EnvWorkers
 from faster_vla.libero.rollout import (
+    StageTimes,
     Trajectory,
     WorkerRecovery,
     init_state_keys,
@@ -61,6 +63,13 @@ class Counters:
     actor_update_flops: float = 0.0
     wall_s: float = 0.0
     worker_failures: int = 0  # env workers replaced after failing mid-episode (their episodes ran again)
+    time_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Cumulative wall seconds per stage: the training rollouts' `StageTimes` (acting, physics, rendering,
+    transport, reset, and the workers' summed physics_cpu/rendering_cpu), then cache (storing episodes: the
+    frozen-actor cache of the rows no decision encoded), update, actor_update, eval and checkpoint."""
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.time_s[stage] = self.time_s.get(stage, 0.0) + float(seconds)
 
     @property
     def flops(self) -> float:
@@ -126,8 +135,14 @@ class Run:
         each decision also computes its observation's frozen-actor cache from the prefix it encoded to act
         (unless the rule learns nothing). Nothing is stored yet: see `store`."""
         record = "step" if self.stride == 1 else "chunk"
-        seeds = self.cache_spec.num_seeds if self.learns else 0
-        return self._episodes(self.config.selection, envs, episodes, record=record, cache_seeds=seeds)
+        seeds = self.cache_spec.num_seeds if self.learns and self.config.cache_from_acting else 0
+        times = StageTimes()
+        trajectories = self._episodes(self.config.selection, envs, episodes, record=record, cache_seeds=seeds,
+                                      times=times)
+        for stage, seconds in dataclasses.asdict(times).items():
+            if stage != "rounds":
+                self.counters.add_time(stage, seconds)
+        return trajectories
 
     def _episodes(self, selection: SelectionConfig, envs: LiberoEnv | EnvWorkers,
                   episodes: Sequence[tuple[int, jax.Array]], **kwargs: Any) -> list[Trajectory]:
@@ -146,9 +161,12 @@ class Run:
     def store(self, trajectory: Trajectory) -> float:
         """Stores one episode: the success buffer when the actor trains, and replay (with the frozen-actor cache
         of its observed rows) when the critics learn. Returns the FLOPs the cache cost."""
+        start = time.perf_counter()
         if trajectory.success and self.successes is not None:
             self.successes.add_episode(trajectory.decision_observations(), np.stack(trajectory.chunks))
-        return self._store(trajectory) if self.learns else 0.0
+        flops = self._store(trajectory) if self.learns else 0.0
+        self.counters.add_time("cache", time.perf_counter() - start)
+        return flops
 
     def _store(self, trajectory: Trajectory) -> float:
         """Adds one episode to replay. The acting side computed the frozen-actor cache of the rows it acted at;
@@ -166,7 +184,10 @@ class Run:
             noise = row_noise(trajectory.cache_key, [trajectory.rows[i] for i in missing],
                               (spec.num_seeds, spec.action_horizon, spec.action_dim))
             take = lambda x: np.asarray(x)[missing]  # noqa: E731
-            encoded = self.agent.cache(jax.tree.map(take, model_obs), noise, batch_size=self.config.cache_batch)
+            # Batches of cache_batch, or of the next power of two above fewer rows: with the acting pass's cache
+            # an episode leaves one row (its final observation) here, which a full batch would encode 8-16 times.
+            size = min(self.config.cache_batch, 1 << (len(missing) - 1).bit_length())
+            encoded = self.agent.cache(jax.tree.map(take, model_obs), noise, batch_size=size)
         from_acting = {i: trajectory.cache[r].cache_row() for i, r in enumerate(trajectory.rows) if r in trajectory.cache}
         fields = encoded.keys() if encoded else next(iter(from_acting.values())).keys()
         cache_rows = {k: np.stack([from_acting[i][k] if i in from_acting else encoded[k][missing.index(i)]
@@ -191,6 +212,7 @@ class Run:
 
     def update(self) -> dict[str, float]:
         """One learner update on utd·B windows; raises NonFiniteLossError on a NaN/Inf."""
+        start = time.perf_counter()
         cfg = self.config
         windows = self.replay.sample_windows(self.sample_rng, cfg.utd * cfg.batch_size, self.horizon, cfg.gamma,
                                              stride=self.stride)
@@ -206,6 +228,7 @@ class Run:
         self.learner = learner
         self.counters.updates += 1
         self.counters.update_flops += self._update_flops
+        self.counters.add_time("update", time.perf_counter() - start)
         return info
 
     def update_actor(self, updates: int) -> list[dict[str, float]]:
@@ -213,6 +236,7 @@ class Run:
         actor acts with the result (its EMA); nothing before the first success. Raises NonFiniteLossError."""
         if self.actor_trainer is None or self.successes is None or len(self.successes) == 0:
             return []
+        start = time.perf_counter()
         cfg = self.config.actor_optimizer
         trainer, infos = self.actor_trainer, []
         for _ in range(updates * cfg.steps_per_update):
@@ -228,6 +252,7 @@ class Run:
         self.policy.actor.params = trainer.acting_params  # the agent, evaluation and caching act with it
         self.counters.actor_updates += len(infos)
         self.counters.actor_update_flops += self._actor_step_flops * len(infos)
+        self.counters.add_time("actor_update", time.perf_counter() - start)
         return infos
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -236,6 +261,7 @@ class Run:
         """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env` (the training
         env, or the training pool in lockstep), or over eval workers of its own (on the run's env backend) when
         eval_num_workers > 1. A failed worker is replaced and its episode run again (the run's recovery)."""
+        start = time.perf_counter()
         n = min(self.config.eval_episodes, num_init_states(env))
         workers = min(self.config.eval_num_workers, n)
         if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
@@ -243,6 +269,7 @@ class Run:
         envs = env if workers == 1 else self._eval_envs
         episodes = init_state_keys(range(n), jax.random.key(self.config.seed + EVAL_KEY_OFFSET))
         results = self._episodes(self.eval_selection, envs, episodes)
+        self.counters.add_time("eval", time.perf_counter() - start)
         return float(np.mean([r.success for r in results]))
 
     def close(self) -> None:
@@ -253,9 +280,11 @@ class Run:
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def save(self, eval_success: float | None) -> None:
+        start = time.perf_counter()  # counted from the next checkpoint on (this one holds the counters)
         self.checkpointer.save(self.counters.episodes, self.learner, self.replay, self.sample_rng,
                                dataclasses.asdict(self.counters), eval_success=eval_success,
                                actor=self.actor_trainer, successes=self.successes)
+        self.counters.add_time("checkpoint", time.perf_counter() - start)
 
     def restore(self) -> bool:
         """Loads the latest checkpoint into this run; False when there is none."""
