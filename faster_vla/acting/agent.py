@@ -241,7 +241,7 @@ class Agent:
         if b == 0 or size < b:
             raise ValueError(f"act_batch needs 1 <= observations <= batch_size, got {b} and batch_size={batch_size}")
         size = self.parallel.padded(size)  # the batch axis splits evenly over the devices
-        self.actor.params = self.parallel.replicate(self.actor.params)  # a no-op once they are
+        self.actor.params = self.parallel.place_params(self.actor.params)  # a no-op once they are
         learner = None if learner is None else self.parallel.replicate(learner)
         if rngs is None:
             rngs = []
@@ -343,7 +343,7 @@ class Agent:
         """
         steps = self.cached_steps
         batch_size = self.parallel.padded(batch_size)
-        self.actor.params = self.parallel.replicate(self.actor.params)
+        self.actor.params = self.parallel.place_params(self.actor.params)
         b = int(np.asarray(observation.state).shape[0])
         parts = []
         for start in range(0, b, batch_size):

@@ -123,6 +123,10 @@ class TrainConfig:
     `updates_per_episode` updates after each episode, but the episodes of a round act with the learner of its
     start (rounds never straddle a checkpoint or an evaluation). Each worker needs ~2 GB of RAM and, on CPU,
     about a core (rendering dominates a step)."""
+    shard_actor_params: bool = False
+    """With several local accelerators, split the actor's parameters over them (each array along its largest
+    evenly dividing axis) instead of copying the whole actor to each: for an actor that does not fit one device.
+    Decisions stay data-parallel over the same devices; one device: no effect."""
     envs: EnvsConfig = EnvsConfig()
     """Where the env workers run (this machine's processes, or Ray actors on a Ray cluster) and how many worker
     failures the run recovers from. Not part of the run: a resume may choose differently (config.json keeps

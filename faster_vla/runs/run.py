@@ -20,6 +20,7 @@ import numpy as np
 
 from faster_vla.acting.agent import Agent, critic_inputs
 from faster_vla.acting.frozen_cache import row_noise
+from faster_vla.acting.mesh import DataParallel
 from faster_vla.acting.flow_trainer import ActorTrainer
 from faster_vla.acting.success_buffer import SuccessBuffer
 from faster_vla.libero.env import LiberoEnv, check_libero_installed, resolve_task
@@ -98,7 +99,8 @@ class Run:
             self.actor_trainer = ActorTrainer.create(self.policy.actor.params, config.actor_optimizer, seed=config.seed)
             self.successes = SuccessBuffer(config.success_capacity)
         self.learner_config = learner_config(config, actor_config)
-        self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed)
+        self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed,
+                           parallel=DataParallel(shard_params=config.shard_actor_params))
         self.parallel = self.agent.parallel  # decisions and critic minibatches split over the local devices
         self.parallel.check_divisible(config.batch_size, "batch_size (windows per critic step)")
         self.horizon = actor_config.action_horizon
