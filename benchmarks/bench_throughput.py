@@ -15,7 +15,11 @@ task 20, and times the rest of a training episode's stages alone: the final obse
 one learner update (UTD 10, batch 32). Peak host memory ~15 GB on the CPU.
 
     .venv/bin/python benchmarks/bench_throughput.py --json benchmarks/results/throughput_cpu.json
-    .venv/bin/python benchmarks/bench_throughput.py --skip-runs --pi05-libero --json benchmarks/results/throughput_pi05_libero_cpu.json
+    .venv/bin/python benchmarks/bench_throughput.py --skip-runs --pi05-libero \
+        --merge benchmarks/results/throughput_cpu.json --json benchmarks/results/throughput_pi05_libero_cpu.json
+
+With part 2 present, a projection of episodes/h on a 16-core machine with one GPU follows from the measured
+per-part costs (`projection`; the GPU's own times are not measured yet and enter as FLOPs over assumed rates).
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ def pi05_libero_round(decisions: int) -> dict[str, Any]:
     from faster_vla.acting.agent import Agent
     from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
     from faster_vla.libero.rollout import StageTimes, run_episodes
+    from faster_vla.policies import flops as actor_flops
 
     plan = DEVICE
     model, info = build_model(plan)
@@ -138,11 +143,18 @@ def pi05_libero_round(decisions: int) -> dict[str, Any]:
     batch = jax.tree.map(jax.numpy.asarray, make_batch(model.config, plan.utd, plan.batch_size, plan.num_candidates,
                                                        encoder.feature_dim))
     batch = {k: v for k, v in batch.items() if k != "next_obs"}
-    jax.block_until_ready(learner.update(batch))  # compiles
+    update_flops = float(learner.update_flops(batch))  # compiles update
+    jax.block_until_ready(learner.update(batch))
     start = time.perf_counter()
     jax.block_until_ready(learner.update(batch))
     update_s = time.perf_counter() - start
     rounds = max(times.rounds, 1)
+    cfg = model.config
+    cache_denoise = plan.num_candidates * plan.num_steps * actor_flops.denoise_flops(cfg, num_candidates=1, num_steps=1)
+    out["flops"] = {"decision": float(agent.decision_flops(learner, learner_config.selection).total),
+                    "cache_per_decision": float(cache_denoise),
+                    "final_row_cache": float(actor_flops.prefix_flops(cfg) + cache_denoise),
+                    "update": update_flops}
     out.update({
         "episode_steps": trajectory.steps, "loop_s": loop_s,
         "per_decision_s": {"acting": times.acting / rounds, "physics": times.physics / rounds,
@@ -151,6 +163,50 @@ def pi05_libero_round(decisions: int) -> dict[str, Any]:
         "update_s": update_s, "update": {"utd": plan.utd, "batch_size": plan.batch_size},
     })
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The machine a projection is for, and what is assumed where nothing was measured."""
+
+    cores: int = 16
+    driver_cores: int = 2  # the training process and the OS; the rest run one env worker each
+    gpu_flops_per_s: tuple[float, ...] = (1e14, 2e14, 4e14)  # achieved bf16 rates assumed (H100 peak ~9.9e14)
+    episode_steps: int = 400  # libero_90's limit: a failed episode, the longest (time per episode is an upper bound)
+    updates_per_episode: int = 3  # the pi05_libero presets' (UTD 10, batch 32 each)
+    chunk: int = 10
+
+
+def projection(result: dict[str, Any], target: Target = Target()) -> list[dict[str, Any]]:
+    """Episodes/h of pi05_libero FASTER-EXPO fine-tuning on `target`, from measured per-part costs.
+
+    Measured here: the pi05_libero env's physics and rendering per chunk (256² render, one core) and its reset
+    (part 2), and the transport per round and worker (part 1's largest local K). Not measured (no GPU yet): the
+    accelerator's time for a decision, the cache's denoising, the final row's encode and an update, taken as
+    their analytic FLOPs over an assumed achieved rate (one row per rate). Lockstep rounds: a batched decision
+    for K observations, then every worker's chunk in parallel (the cache's denoising overlaps it on the
+    accelerator); each episode also resets, encodes its final row and takes its updates, serially.
+    """
+    p = result["pi05_libero"]
+    per = p["per_decision_s"]
+    env_chunk = per["physics"] + per["rendering"]
+    local = [r for r in result.get("runs", []) if r["variant"]["backend"] == "local" and r["variant"]["cache_from_acting"]]
+    widest = max(local, key=lambda r: r["variant"]["num_envs"], default=None)
+    # Transport per round per worker: ms per env step (all workers' steps) × the steps one worker's chunk takes.
+    transport_per_worker = 0.0 if widest is None else widest["ms_per_env_step"]["transport"] * target.chunk / 1e3
+    decisions = target.episode_steps // target.chunk
+    f = p["flops"]
+    rows = []
+    for rate in target.gpu_flops_per_s:
+        for k in (1, target.cores - target.driver_cores):
+            acting = k * f["decision"] / rate
+            env = max(env_chunk, k * f["cache_per_decision"] / rate) + k * transport_per_worker
+            serial = k * (target.updates_per_episode * f["update"] + f["final_row_cache"]) / rate
+            episode_s = decisions * (acting + env) + p["reset_s"] + serial
+            rows.append({"gpu_flops_per_s": rate, "num_envs": k, "round_s": acting + env,
+                         "acting_share": acting / (acting + env), "episodes_per_h": 3600 * k / episode_s,
+                         "env_steps_per_s": k * target.episode_steps / episode_s})
+    return rows
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -178,6 +234,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"pi05_libero-shaped on {p['device']}: per decision (10 env steps) acting {d['acting']:.2f} s, "
                       f"physics {d['physics']:.3f} s, rendering {d['rendering']:.3f} s; final-row cache "
                       f"{p['final_row_cache_s']:.2f} s; one update {p['update_s']:.2f} s"]
+        if "projection" in result:
+            lines += ["", "| assumed GPU rate | K | round s | acting share | episodes/h | env steps/s |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            for r in result["projection"]:
+                lines.append(f"| {r['gpu_flops_per_s'] / 1e12:.0f} TFLOP/s | {r['num_envs']} | {r['round_s']:.2f} | "
+                             f"{r['acting_share']:.0%} | {r['episodes_per_h']:.0f} | {r['env_steps_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -191,6 +253,8 @@ def main() -> None:
     parser.add_argument("--pi05-decisions", type=int, default=3, help="decisions of the pi05_libero episode")
     parser.add_argument("--train-args", default="", help="extra `faster-vla train` flags, one string")
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--merge", nargs="*", default=[], help="result JSONs of earlier invocations to combine "
+                        "(e.g. part 1 and part 2 run apart); their runs / pi05_libero fill what this one skipped")
     args = parser.parse_args()
     known = {v.name: v for v in VARIANTS}
     unknown = [n for n in args.variants if n not in known]
@@ -218,6 +282,15 @@ def main() -> None:
         result["all_runs"] = per_variant
     if args.pi05_libero:
         result["pi05_libero"] = pi05_libero_round(args.pi05_decisions)
+    for path in args.merge:
+        earlier = json.loads(Path(path).read_text())
+        for key in ("runs", "all_runs", "pi05_libero"):
+            if key in earlier and key not in result:
+                result[key] = earlier[key]
+                result.setdefault("merged_from", {})[key] = {"file": path, "command": earlier.get("command")}
+    if "pi05_libero" in result:
+        result["projection_target"] = dataclasses.asdict(Target())
+        result["projection"] = projection(result)
     result["loadavg_end"] = os.getloadavg()
     print(markdown(result))
     if args.json:
