@@ -52,7 +52,7 @@ class InvalidInputError(ValueError):
     """A policy input is malformed: `field`, what was `expected` and what was `found`, in that order."""
 
     def __init__(self, field: str, expected: str, found: str, hint: str = "") -> None:
-        self.field, self.expected, self.found = field, expected, found
+        self.field, self.expected, self.found, self.hint = field, expected, found, hint
         super().__init__(f"{field}: expected {expected}, found {found}" + (f"; {hint}" if hint else ""))
 
 
@@ -240,7 +240,7 @@ def check_observation(obs: Any, spec: ObservationSpec, *, index: int | None = No
     except InvalidInputError as exc:
         if index is None:
             raise
-        raise InvalidInputError(f"observation {index}: {exc.field}", exc.expected, exc.found) from exc
+        raise InvalidInputError(f"observation {index}: {exc.field}", exc.expected, exc.found, exc.hint) from exc
 
 
 def check_noise(noise: Any, shape: Sequence[int], field: str = "noise") -> np.ndarray:
@@ -249,8 +249,9 @@ def check_noise(noise: Any, shape: Sequence[int], field: str = "noise") -> np.nd
     x = as_real_array(noise, field, expected)
     if x.shape != tuple(shape):
         raise InvalidInputError(field, expected, describe(x))
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):  # after the cast: a float64 beyond float32's range becomes Inf
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf, refused just below
+        x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
         raise InvalidInputError(field, expected, _non_finite(x))
     return x
 
