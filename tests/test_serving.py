@@ -510,12 +510,14 @@ def _refusal(url: str, frame: bytes | str) -> tuple[str, int]:
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
-        (b"\xc1\xff\x00garbage", "refused: .*(FormatError|ValueError|ExtraData|UnpackValueError)"),
-        (packb({"prompt": "go", "observation/state": np.zeros(8, np.float32)})[:-3], "refused: "),
+        (b"\xc1\xff\x00garbage", r"refused: ValueError: the frame is no msgpack observation .*\(10 bytes\)"),
+        (packb({"prompt": "go", "observation/state": np.zeros(8, np.float32)})[:-3],
+         "refused: ValueError: the frame is no msgpack observation"),
+        (b"\x91" * 100_000 + b"\xc0", "refused: ValueError: the frame is no msgpack observation .*StackError"),
         (packb([1, 2, 3]), "an observation must be a msgpack map"),
         ("a text frame", "expected a binary msgpack observation frame"),
     ],
-    ids=["garbage", "truncated_msgpack", "not_a_map", "text_frame"],
+    ids=["garbage", "truncated_msgpack", "nested_100k_deep", "not_a_map", "text_frame"],
 )
 def test_undecodable_frames_are_refused_with_a_request_id(echo_server, frame, message):
     text, code = _refusal(echo_server.url, frame)

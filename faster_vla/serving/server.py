@@ -376,7 +376,11 @@ class PolicyServer:
         """-> (observation, per-request options for `policy.infer` other than noise, noise or None)."""
         if isinstance(message, str):
             raise ValueError("expected a binary msgpack observation frame, got a text frame")
-        obs = unpackb(message)
+        try:
+            obs = unpackb(message)
+        except Exception as exc:  # noqa: BLE001 -- msgpack raises many types (ExtraData, StackError, FormatError, ...)
+            raise ValueError(f"the frame is no msgpack observation in openpi's msgpack-numpy format "
+                             f"({len(message)} bytes): {type(exc).__name__}: {exc}") from exc
         if not isinstance(obs, dict):
             raise ValueError(f"an observation must be a msgpack map (dict), got {type(obs).__name__}")
         options = {}
