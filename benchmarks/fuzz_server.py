@@ -61,7 +61,9 @@ from faster_vla.serving.server import packb, unpackb  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 IMAGE, WRIST, STATE = "observation/image", "observation/wrist_image", "observation/state"
 ERROR_TEXT = re.compile(r"faster-vla policy server: request ([0-9a-f]{8}-\d+) (refused|failed): ")
-ISO_LINE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d .*request {rid} "
+# A server log line about a request: ISO 8601 timestamp first, the request id after "request ".
+LOGGED_REQUEST = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d .*?request ([0-9a-f]{8}-\d+) ",
+                            re.MULTILINE)
 
 
 def good_observation(rng: np.random.Generator, prompt: str = "turn on the stove") -> dict[str, Any]:
@@ -225,6 +227,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve-args", default="--actor.preset pi05_libero_small",
                         help="the policy's flags for `faster-vla serve`")
+    parser.add_argument("--cases", default=".", help="regex: only the cases whose name matches (default all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.frames < 1 or args.workers < 1 or args.good_every < 1:
@@ -246,7 +249,8 @@ def main() -> None:
             proc.wait(60)
     log = log_path.read_text()
     ids = result.pop("_error_ids")
-    unlogged = [rid for rid in ids if not re.search(ISO_LINE.format(rid=re.escape(rid)), log, re.MULTILINE)]
+    logged = set(LOGGED_REQUEST.findall(log))
+    unlogged = [rid for rid in ids if rid not in logged]
     result["error_ids_on_iso_8601_log_lines"] = f"{len(ids) - len(unlogged)} of {len(ids)}"
     result["server_log"] = str(log_path)
     result["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -304,6 +308,9 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, port: int, max_bytes: 
                 good["first_failure"] = good["first_failure"] or f"{type(exc).__name__}: {exc}"[:300]
                 time.sleep(0.5)
 
+    cases = [case for case in CASES if re.search(args.cases, case[0])]
+    if not cases:
+        raise ValueError(f"--cases {args.cases!r} matches none of {[c[0] for c in CASES]}")
     lock = threading.Lock()
     counter = iter(range(args.frames))
     by_case: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -330,7 +337,7 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, port: int, max_bytes: 
                         good_frames["in_a_batch_of_several"] += 1
                     if answer["outcome"] != "ok":
                         first_violation.setdefault("good_frame", answer.get("why") or answer.get("first_line"))
-            name, expected, make = CASES[index % len(CASES)]
+            name, expected, make = cases[index % len(cases)]
             answer = send_frame(url, make(local, max_bytes), args.frame_timeout)
             outcome = answer["outcome"]
             with lock:
@@ -389,7 +396,7 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, port: int, max_bytes: 
                    "tolerance": args.rss_tolerance_mb,
                    "back_near_baseline": bool(final - baseline <= args.rss_tolerance_mb)},
         "settings": {"workers": args.workers, "good_every": args.good_every, "max_frame_mb": args.max_frame_mb,
-                     "max_batch": args.max_batch, "seed": args.seed, "cases": len(CASES)},
+                     "max_batch": args.max_batch, "seed": args.seed, "cases": [c[0] for c in cases]},
         "by_case": {name: dict(c) for name, c in sorted(by_case.items())},
         "example_answers": examples,
         "_error_ids": error_ids,

@@ -158,8 +158,8 @@ def check_keys(obs: Mapping[str, Any], known: Sequence[str], *, options: Sequenc
             continue
         typo = likely_typo(key, known)
         if typo is not None:
-            raise InvalidInputError(key, f"one of the known keys {sorted(known)}", f"unknown key {key!r}",
-                                    f"did you mean {typo!r}?")
+            raise InvalidInputError(key, f"a known key such as {typo!r}", f"unknown key {key!r}",
+                                    f"did you mean {typo!r}? (keys unlike any known one are ignored)")
 
 
 # -- the fields ----------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ BAD_OBSERVATIONS = [
     ("blank_prompt", {"prompt": " _\n "}, r"prompt: expected a non-empty str, found ' _\\n ', empty"),
     ("number_prompt", {"prompt": 3}, r"prompt: expected a non-empty str, found a int"),
     ("typo_key", {"promt": "put the bowl on the plate", "prompt": _DROP},
-     r"promt: expected one of the known keys .* found unknown key 'promt'; did you mean 'prompt'\?"),
+     r"promt: expected a known key such as 'prompt', found unknown key 'promt'; did you mean 'prompt'\?"),
     ("case_typo_key", {"Observation/State": np.zeros(8, np.float32)},
      r"Observation/State: .*did you mean 'observation/state'\?"),
     ("option_typo_key", {"num_candidate": 4}, r"num_candidate: .*did you mean 'num_candidates'\?"),
