@@ -114,6 +114,15 @@ def test_load_policy_acts_with_the_runs_rule(bundle, run_dir):
     assert "warnings" not in out
     with pytest.raises(ValueError, match="selection: expected one of"):
         policy.infer(obs, selection="best_of_everything")
+    # The bundle's own options: refused before any compute, naming the field, the expected and the found value.
+    with pytest.raises(ValueError, match=r"num_candidates: expected an int in \[1, 1024\], found True"):
+        policy.infer(obs, num_candidates=True)
+    with pytest.raises(ValueError, match="return_scores: expected a bool, found str"):
+        policy.infer(obs, return_scores="yes")
+    with pytest.raises(ValueError, match=r"noise: expected finite numbers of shape \[1, 2, .* found 1 NaN"):
+        policy.infer(obs, noise=np.where(np.arange(noise.size).reshape(noise.shape) == 5, np.nan, noise))
+    with pytest.raises(ValueError, match=r"observation/image: expected an image of rank 3"):
+        policy.infer(dict(obs, **{"observation/image": np.zeros((224, 224), np.uint8)}))
 
 
 def test_batched_inference_equals_one_at_a_time(bundle):
