@@ -15,7 +15,13 @@ it (facts: `shared/spec/serving.md` of the steering repository):
   to that call starting) and, from the second request of a connection on, `"prev_total_ms"` (the previous
   request's time in the server, from its observation arriving to its reply being sent).
 - A failing request gets its traceback as a TEXT frame and the connection is closed with code 1011
-  (`WebsocketClientPolicy.infer` raises RuntimeError); the server goes on serving everyone else.
+  (`WebsocketClientPolicy.infer` raises RuntimeError); the server goes on serving everyone else. The text
+  starts with a line naming the request id and the error (`request <id> refused: InvalidInputError: <field>:
+  expected ..., found ...`), and the server's log line about it carries the same id.
+- Every request gets an id (`<connection id>-<n>`); a reply carries it as `"request_id"`, and log lines
+  (ISO 8601 timestamps with `configure_logging`, as `faster-vla serve` sets up) name it.
+- What a policy accepts is decided by `faster_vla.policies.validation`, before any compute; a reply's
+  `"actions"` are checked finite here too, so not even a policy without that guard sends NaN to a robot.
 - `GET /healthz` answers 200 "OK\\n" (no API key needed). No frame-size limit (images), no compression.
 - Optional API key: clients must send `Authorization: Api-Key <key>` (`WebsocketClientPolicy(api_key=...)`);
   a missing key is answered 401, a wrong one 403, before the websocket opens.
@@ -48,10 +54,13 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import errno
+import gc
 import hmac
 import http.client
 import inspect
+import itertools
 import logging
 import signal
 import socket
@@ -59,6 +68,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -71,12 +81,22 @@ from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as _ws_serve
 from websockets.http11 import Request, Response
 
+from faster_vla.policies.validation import (
+    REQUEST_OPTIONS,
+    InvalidInputError,
+    as_real_array,
+    check_actions,
+    check_noise,
+)
+
 logger = logging.getLogger(__name__)
 
-NOISE_KEY = "noise"
-# Per-request options a client may put in the observation; each is passed to `policy.infer` as a keyword when
-# its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, openpi's base `Policy` only noise).
-REQUEST_OPTIONS = (NOISE_KEY, "num_candidates", "selection", "return_scores")
+NOISE_KEY = REQUEST_OPTIONS[0]
+# REQUEST_OPTIONS: per-request options a client may put in the observation; each is passed to `policy.infer` as
+# a keyword when its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, the base `Policy` only
+# noise).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LARGE_FRAME_BYTES = 16 * 2**20  # a failed request's frame this large is freed at once (a full gc), not eventually
 HEALTH_PATH = "/healthz"
 ERROR_CLOSE_CODE = 1011  # RFC 6455 "internal error"
 
@@ -149,6 +169,28 @@ def packb(obj: Any) -> bytes:
 def unpackb(data: bytes) -> Any:
     """Decodes a message in openpi's msgpack-numpy format; arrays come back read-only."""
     return msgpack.unpackb(data, object_hook=_decode)
+
+
+# -- logs ----------------------------------------------------------------------------------------------------
+
+
+class IsoFormatter(logging.Formatter):
+    """Log timestamps in ISO 8601 with milliseconds and the UTC offset (2025-01-31T14:03:07.123+00:00), which
+    sort as text and read unambiguously across machines, unlike logging's default '2025-01-31 14:03:07,123'."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 -- logging's
+        return datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The server's log setup: ISO 8601 timestamps on stderr; faster_vla at `level`, libraries (jax, websockets'
+    per-connection lines) from WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(IsoFormatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("faster_vla").setLevel(level)
 
 
 # -- server --------------------------------------------------------------------------------------------------
@@ -336,7 +378,11 @@ class PolicyServer:
         """-> (observation, per-request options for `policy.infer` other than noise, noise or None)."""
         if isinstance(message, str):
             raise ValueError("expected a binary msgpack observation frame, got a text frame")
-        obs = unpackb(message)
+        try:
+            obs = unpackb(message)
+        except Exception as exc:  # noqa: BLE001 -- msgpack raises many types (ExtraData, StackError, FormatError, ...)
+            raise ValueError(f"the frame is no msgpack observation in openpi's msgpack-numpy format "
+                             f"({len(message)} bytes): {type(exc).__name__}: {exc}") from exc
         if not isinstance(obs, dict):
             raise ValueError(f"an observation must be a msgpack map (dict), got {type(obs).__name__}")
         options = {}
@@ -356,15 +402,11 @@ class PolicyServer:
                 f"the observation has {NOISE_KEY!r}, but this policy's infer() takes no noise argument: "
                 "remove it, or serve a policy with infer(obs, noise=...)"
             )
-        noise = np.asarray(noise)
-        if noise.dtype.kind not in "fiu":
-            raise ValueError(f"{NOISE_KEY!r} must be a numeric array, got dtype {noise.dtype}")
-        if self._noise_shape is not None and noise.shape != self._noise_shape:
-            raise ValueError(
-                f"{NOISE_KEY!r} has shape {noise.shape}, but this policy denoises from {self._noise_shape} "
-                "(the server metadata's 'noise_shape')"
-            )
-        return obs, options, noise
+        # The policy checks the noise fully (`validation.check_noise`); checked here when the metadata gives its
+        # shape, so a bad noise is refused before it is queued (and never joins a batch).
+        if self._noise_shape is not None:
+            return obs, options, check_noise(noise, self._noise_shape, field=f"{NOISE_KEY} (metadata 'noise_shape')")
+        return obs, options, as_real_array(noise, NOISE_KEY, "a numeric array")
 
     def _call(self, batch: list[_Request]) -> list[tuple[Mapping, dict]]:
         """One policy call for `batch` (on the worker thread): `infer` for one request, else `infer_batch`."""
@@ -434,31 +476,67 @@ class PolicyServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
-        logger.info("client connected: %s", peer)
+        connection = uuid.uuid4().hex[:8]  # request ids are <connection>-<n>: one grep finds a client's requests
+        logger.info("connection %s: client %s connected", connection, peer)
         try:
             await ws.send(self._metadata_frame)
             prev_total_ms: float | None = None
-            while True:
+            for n in itertools.count(1):
                 message = await ws.recv()
                 start = time.perf_counter()
+                request_id = f"{connection}-{n}"
+                decoded = False
                 try:
-                    result, timing = await self._infer(*self._split_observation(message))
+                    parts = self._split_observation(message)
+                    decoded = True
+                    result, timing = await self._infer(*parts)
                     reply = dict(result)
+                    if "actions" in reply:  # the output guard, also for policies without their own
+                        check_actions(reply["actions"], "the reply")
                     reply["server_timing"] = timing
+                    reply["request_id"] = request_id
                     if prev_total_ms is not None:
                         reply["server_timing"]["prev_total_ms"] = prev_total_ms
                     frame = packb(reply)
-                except Exception:  # noqa: BLE001 -- any failure goes back to this client, never down the server
-                    logger.exception("request from %s failed", peer)
-                    await ws.send(traceback.format_exc())
-                    await ws.close(ERROR_CLOSE_CODE, "policy server error; traceback in the previous text frame")
+                except Exception as exc:  # noqa: BLE001 -- any failure goes back to this client, never down the server
+                    await self._send_error(ws, request_id, peer, exc, bad_input=not decoded or isinstance(
+                        exc, InvalidInputError), frame_bytes=len(message))
                     return
                 await ws.send(frame)
                 prev_total_ms = 1e3 * (time.perf_counter() - start)
+                for warning in reply.get("warnings", ()):
+                    logger.info("request %s from %s: %s", request_id, peer, warning)
+                logger.debug("request %s from %s served in %.1f ms (policy %.1f ms, batch %d)", request_id, peer,
+                             prev_total_ms, timing["infer_ms"], timing["batch_size"])
         except websockets.ConnectionClosed:
             pass
         finally:
-            logger.info("client disconnected: %s", peer)
+            logger.info("connection %s: client %s disconnected", connection, peer)
+
+    @staticmethod
+    async def _send_error(ws: ServerConnection, request_id: str, peer: Any, exc: Exception, *, bad_input: bool,
+                          frame_bytes: int) -> None:
+        """openpi's error reply: the traceback as a TEXT frame, headed by the request id, then close 1011.
+
+        A refused input (an undecodable frame, an `InvalidInputError`) is logged on one line; any other failure
+        with its traceback, as a server-side fault.
+        """
+        verb = "refused" if bad_input else "failed"
+        headline = f"request {request_id} {verb}: {type(exc).__name__}: {exc}"
+        if bad_input:
+            logger.warning("request %s from %s %s: %s: %s", request_id, peer, verb, type(exc).__name__, exc)
+        else:
+            logger.error("request %s from %s %s", request_id, peer, verb, exc_info=exc)
+        text = "".join(traceback.format_exception(exc))
+        await ws.send(f"faster-vla policy server: {headline}\n{text}")
+        await ws.close(ERROR_CLOSE_CODE, f"request {request_id} {verb}; traceback in the previous text frame")
+        del exc
+        if frame_bytes >= LARGE_FRAME_BYTES:
+            # A failed request's frame stays alive in reference cycles (exception tracebacks hold the frames that
+            # hold the message and the arrays viewing it) until Python's rare full collection: measured by
+            # benchmarks/fuzz_server.py, 40 refused 64 MiB frames left the server +260-390 MiB; with this, +130.
+            # A collection costs ~85 ms (2 shared cores), paid only after a refused frame this large.
+            gc.collect()
 
     async def run(
         self, stop: Awaitable[Any] | None = None, on_ready: Callable[[tuple[str, int]], None] | None = None
