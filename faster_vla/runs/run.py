@@ -106,7 +106,7 @@ class Run:
         self.horizon = actor_config.action_horizon
         self.stride = self.horizon if config.window_starts == "chunk" else 1
         schedule = self.learner_config.filter_schedule
-        self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.selection.num_candidates,
+        self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.cache_seeds,
                                                            cached_steps(schedule) if schedule else ())
         self.uses_features = self.learner_config.chunk_critic.encoder.kind == "backbone"
         self.eval_selection = dataclasses.replace(config.selection, temperature=0.0)
@@ -122,7 +122,7 @@ class Run:
         # Env workers that fail mid-episode are replaced and their episodes run again, up to a budget.
         self.recovery = WorkerRecovery(config.envs.max_worker_failures, log=log)
         self._prefix_flops = float(actor_flops.prefix_flops(actor_config))
-        self._cache_denoise_flops = float(config.selection.num_candidates * config.num_steps
+        self._cache_denoise_flops = float(config.cache_seeds * config.num_steps
                                           * actor_flops.denoise_flops(actor_config, num_candidates=1, num_steps=1))
         # One flow-loss step (analytic, as acting's actor FLOPs): the prefix forward per example, and the
         # suffix (one velocity evaluation over the chunk) forward plus backward, ≈ 3× its forward.
