@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import gc
 import hmac
 import http.client
 import inspect
@@ -96,7 +95,6 @@ NOISE_KEY = REQUEST_OPTIONS[0]
 # a keyword when its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, the base `Policy` only
 # noise).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LARGE_FRAME_BYTES = 16 * 2**20  # a failed request's frame this large is freed at once (a full gc), not eventually
 HEALTH_PATH = "/healthz"
 ERROR_CLOSE_CODE = 1011  # RFC 6455 "internal error"
 
@@ -208,6 +206,27 @@ class PolicyLike(Protocol):
     def infer(self, obs: dict) -> dict: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """A failed request, as text: what the client and the log get, with no exception object left to free.
+
+    An exception's traceback holds the frames it passed through, and they hold the request (its message, the
+    arrays viewing it, its future, which held the exception): a reference cycle that kept every refused frame,
+    64 MiB ones included, alive until Python's rare full collection. Formatting the failure where it is caught
+    and handing on only this text leaves nothing to collect: the exception dies with its `except` block.
+    """
+
+    bad_input: bool  # refused (an undecodable frame, an InvalidInputError) rather than failed in the server
+    headline: str  # "<ExceptionType>: <message>"
+    traceback: str  # the formatted traceback, chained exceptions included
+
+    @classmethod
+    def of(cls, exc: BaseException, *, bad_input: bool) -> _Failure:
+        """Formats `exc` (call from its `except` block, then let it go)."""
+        return cls(bad_input or isinstance(exc, InvalidInputError), f"{type(exc).__name__}: {exc}",
+                   "".join(traceback.format_exception(exc)))
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     """One decoded request waiting for the inference worker."""
@@ -215,7 +234,7 @@ class _Request:
     obs: dict
     options: dict  # per-request options for `infer`, without noise
     noise: np.ndarray | None  # the caller's seed(s), one row of a batch's stacked noise
-    future: asyncio.Future  # -> (policy result, server_timing)
+    future: asyncio.Future  # -> (policy result, server_timing) or _Failure; never an exception
     arrived: float  # perf_counter when it was queued
 
     @property
@@ -428,21 +447,24 @@ class PolicyServer:
         return [(result, {"infer_ms": infer_ms, "batch_size": len(batch), "queue_ms": 1e3 * (start - r.arrived)})
                 for r, result in zip(batch, results, strict=True)]
 
-    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | Exception]:
-        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself."""
+    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | _Failure]:
+        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself.
+
+        A failure comes back formatted (`_Failure`), so no exception, traceback or frame outlives this call.
+        """
         try:
             return self._call(batch)
         except Exception as exc:  # noqa: BLE001 -- handed to the request's client
             if len(batch) == 1:
-                return [exc]
+                return [_Failure.of(exc, bad_input=False)]
             logger.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
                            type(exc).__name__, exc)
-        outcomes: list[tuple[Mapping, dict] | Exception] = []
+        outcomes: list[tuple[Mapping, dict] | _Failure] = []
         for request in batch:
             try:
                 outcomes += self._call([request])
             except Exception as exc:  # noqa: BLE001
-                outcomes.append(exc)
+                outcomes.append(_Failure.of(exc, bad_input=False))
         return outcomes
 
     async def _worker(self) -> None:
@@ -460,19 +482,45 @@ class PolicyServer:
                 continue
             outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
             for request, outcome in zip(batch, outcomes, strict=True):
-                if request.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    request.future.set_exception(outcome)
-                else:
+                if not request.future.done():
                     request.future.set_result(outcome)
+            # This frame lives as long as the server: the last batch (its messages) must not wait here for the next.
+            del batch, outcomes, request, outcome
 
-    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict]:
-        """Queues one request for the worker -> (policy result, server_timing)."""
+    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict] | _Failure:
+        """Queues one request for the worker -> (policy result, server_timing), or its `_Failure`."""
         request = _Request(obs, options, noise, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(request)
         self._wakeup.set()
         return await request.future
+
+    async def _answer(self, message: str | bytes, request_id: str, peer: Any,
+                      prev_total_ms: float | None) -> bytes | _Failure:
+        """One request -> its reply frame, or its `_Failure` (formatted in the `except` block, so neither the
+        exception nor the frames it holds survive into the error reply's awaits)."""
+        try:
+            parts = self._split_observation(message)
+        except Exception as exc:  # noqa: BLE001 -- an undecodable or malformed frame is the client's
+            return _Failure.of(exc, bad_input=True)
+        try:
+            outcome = await self._infer(*parts)
+            if isinstance(outcome, _Failure):
+                return outcome
+            result, timing = outcome
+            reply = dict(result)
+            if "actions" in reply:  # the output guard, also for policies without their own
+                check_actions(reply["actions"], "the reply")
+            reply["server_timing"] = timing
+            reply["request_id"] = request_id
+            if prev_total_ms is not None:
+                reply["server_timing"]["prev_total_ms"] = prev_total_ms
+            for warning in reply.get("warnings", ()):
+                logger.info("request %s from %s: %s", request_id, peer, warning)
+            logger.debug("request %s from %s: policy %.1f ms, batch %d", request_id, peer, timing["infer_ms"],
+                         timing["batch_size"])
+            return packb(reply)
+        except Exception as exc:  # noqa: BLE001 -- any failure goes back to this client, never down the server
+            return _Failure.of(exc, bad_input=False)
 
     async def _handle(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
@@ -485,58 +533,33 @@ class PolicyServer:
                 message = await ws.recv()
                 start = time.perf_counter()
                 request_id = f"{connection}-{n}"
-                decoded = False
-                try:
-                    parts = self._split_observation(message)
-                    decoded = True
-                    result, timing = await self._infer(*parts)
-                    reply = dict(result)
-                    if "actions" in reply:  # the output guard, also for policies without their own
-                        check_actions(reply["actions"], "the reply")
-                    reply["server_timing"] = timing
-                    reply["request_id"] = request_id
-                    if prev_total_ms is not None:
-                        reply["server_timing"]["prev_total_ms"] = prev_total_ms
-                    frame = packb(reply)
-                except Exception as exc:  # noqa: BLE001 -- any failure goes back to this client, never down the server
-                    await self._send_error(ws, request_id, peer, exc, bad_input=not decoded or isinstance(
-                        exc, InvalidInputError), frame_bytes=len(message))
+                answer = await self._answer(message, request_id, peer, prev_total_ms)
+                del message  # a refused 64 MiB frame is freed now, not when the client's close completes
+                if isinstance(answer, _Failure):
+                    await self._send_error(ws, request_id, peer, answer)
                     return
-                await ws.send(frame)
+                await ws.send(answer)
                 prev_total_ms = 1e3 * (time.perf_counter() - start)
-                for warning in reply.get("warnings", ()):
-                    logger.info("request %s from %s: %s", request_id, peer, warning)
-                logger.debug("request %s from %s served in %.1f ms (policy %.1f ms, batch %d)", request_id, peer,
-                             prev_total_ms, timing["infer_ms"], timing["batch_size"])
+                logger.debug("request %s from %s served in %.1f ms", request_id, peer, prev_total_ms)
         except websockets.ConnectionClosed:
             pass
         finally:
             logger.info("connection %s: client %s disconnected", connection, peer)
 
     @staticmethod
-    async def _send_error(ws: ServerConnection, request_id: str, peer: Any, exc: Exception, *, bad_input: bool,
-                          frame_bytes: int) -> None:
+    async def _send_error(ws: ServerConnection, request_id: str, peer: Any, failure: _Failure) -> None:
         """openpi's error reply: the traceback as a TEXT frame, headed by the request id, then close 1011.
 
         A refused input (an undecodable frame, an `InvalidInputError`) is logged on one line; any other failure
         with its traceback, as a server-side fault.
         """
-        verb = "refused" if bad_input else "failed"
-        headline = f"request {request_id} {verb}: {type(exc).__name__}: {exc}"
-        if bad_input:
-            logger.warning("request %s from %s %s: %s: %s", request_id, peer, verb, type(exc).__name__, exc)
+        verb = "refused" if failure.bad_input else "failed"
+        if failure.bad_input:
+            logger.warning("request %s from %s %s: %s", request_id, peer, verb, failure.headline)
         else:
-            logger.error("request %s from %s %s", request_id, peer, verb, exc_info=exc)
-        text = "".join(traceback.format_exception(exc))
-        await ws.send(f"faster-vla policy server: {headline}\n{text}")
+            logger.error("request %s from %s %s\n%s", request_id, peer, verb, failure.traceback.rstrip())
+        await ws.send(f"faster-vla policy server: request {request_id} {verb}: {failure.headline}\n{failure.traceback}")
         await ws.close(ERROR_CLOSE_CODE, f"request {request_id} {verb}; traceback in the previous text frame")
-        del exc
-        if frame_bytes >= LARGE_FRAME_BYTES:
-            # A failed request's frame stays alive in reference cycles (exception tracebacks hold the frames that
-            # hold the message and the arrays viewing it) until Python's rare full collection: measured by
-            # benchmarks/fuzz_server.py, 40 refused 64 MiB frames left the server +260-390 MiB; with this, +130.
-            # A collection costs ~85 ms (2 shared cores), paid only after a refused frame this large.
-            gc.collect()
 
     async def run(
         self, stop: Awaitable[Any] | None = None, on_ready: Callable[[tuple[str, int]], None] | None = None
