@@ -173,6 +173,8 @@ def run_serve(args: ServeArgs) -> None:
     check_args(args)
     # Our progress at INFO, libraries from WARNING; ISO 8601 timestamps, request ids in the server's lines.
     serving.configure_logging(logging.INFO)
+    if not serving.return_large_buffers_to_os():
+        logger.info("not glibc: freed large buffers are returned to the OS as this C library's malloc decides")
     max_batch = default_max_batch() if args.max_batch is None else args.max_batch
     policy = build_policy(args)
     logger.info("serving %s", policy.metadata.get("policy", type(policy).__name__))

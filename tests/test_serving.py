@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime
 import errno
+import gc
 import http.client
 import io
 import logging
@@ -32,6 +33,7 @@ from faster_vla.launch import serve as serve_cli
 from faster_vla.launch.demo import libero_observation
 from faster_vla.launch.serve import ServeArgs, build_policy, check_args, warm_up
 from faster_vla.policies.policy import batch_bucket, batch_buckets
+from faster_vla.policies.validation import InvalidInputError
 from faster_vla.serving.server import BackgroundServer, packb, unpackb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -505,6 +507,46 @@ def _refusal(url: str, frame: bytes | str) -> tuple[str, int]:
             ws.recv()
     assert isinstance(text, str), "an error must come back as a text frame"
     return text, closed.value.rcvd.code
+
+
+class RefusingPolicy:
+    """Refuses every observation from the worker thread with an `InvalidInputError` (no model), batching too."""
+
+    metadata = {"kind": "refusing"}
+
+    def infer(self, obs: dict) -> dict:
+        raise InvalidInputError("observation/state", "8 finite numbers", "a test's refusal")
+
+    def infer_batch(self, observations: list[dict]) -> list[dict]:
+        raise InvalidInputError("observation/state", "8 finite numbers", "a test's refusal")
+
+
+def _live(kind: type) -> int:
+    """Live objects of exactly `kind` that the garbage collector tracks, without collecting anything first
+    (`type` rather than isinstance, which a dead weakref proxy among them would answer with ReferenceError)."""
+    return sum(type(o) is kind for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_refused_requests_leave_nothing_for_the_garbage_collector(max_batch):
+    """A refused request (undecodable, or refused by the policy on the worker thread) is freed by reference
+    counting as soon as its connection is handled: no exception, traceback or request is left in a reference
+    cycle. Such cycles once kept every refused frame (64 MiB ones included) until Python's rare full collection.
+    Checked with the collector off, counting live `_Request`s and `InvalidInputError`s after 20 refusals."""
+    gc.collect()
+    gc.disable()
+    try:
+        with BackgroundServer(RefusingPolicy(), max_batch=max_batch) as server:
+            before = (_live(serving._Request), _live(InvalidInputError))
+            for i in range(10):
+                blob = np.full(1 << 16, i, np.uint8)  # some data the message holds, as a real observation does
+                assert "refused: InvalidInputError" in _refusal(server.url, packb({"blob": blob}))[0]
+                assert "refused: ValueError" in _refusal(server.url, b"\xc1garbage")[0]
+            # The server closes first and its handler returns right after: wait for it, not for memory.
+            _wait_for(lambda: server.server.connections == 0, "the server's handlers to return")
+            assert (_live(serving._Request), _live(InvalidInputError)) == before
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(

@@ -53,10 +53,11 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import errno
-import gc
 import hmac
 import http.client
 import inspect
@@ -96,7 +97,6 @@ NOISE_KEY = REQUEST_OPTIONS[0]
 # a keyword when its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, the base `Policy` only
 # noise).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LARGE_FRAME_BYTES = 16 * 2**20  # a failed request's frame this large is freed at once (a full gc), not eventually
 HEALTH_PATH = "/healthz"
 ERROR_CLOSE_CODE = 1011  # RFC 6455 "internal error"
 
@@ -193,6 +193,33 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("faster_vla").setLevel(level)
 
 
+# -- memory --------------------------------------------------------------------------------------------------
+
+MMAP_THRESHOLD_BYTES = 128 * 2**10  # glibc's own starting value, kept fixed
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_large_buffers_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fixes glibc's mmap threshold, so every buffer of `threshold` bytes or more goes back to the OS when freed.
+
+    A server's big buffers (client frames, 2048² images, a resize's intermediates) are allocated and freed per
+    request. glibc raises its mmap threshold after freeing a large mmap'd block (up to 32 MiB), after which such
+    buffers come from the heap, and freed heap in the middle of an arena stays resident: the fuzz's 2048² image
+    frames alone left the server +60 MiB this way (+1 MiB with the threshold fixed). This is what
+    MALLOC_MMAP_THRESHOLD_=131072 does, set from inside so a deployed server gets it too. Costs an mmap/munmap
+    per such buffer (microseconds next to an inference). Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
 # -- server --------------------------------------------------------------------------------------------------
 
 
@@ -208,6 +235,27 @@ class PolicyLike(Protocol):
     def infer(self, obs: dict) -> dict: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """A failed request, as text: what the client and the log get, with no exception object left to free.
+
+    An exception's traceback holds the frames it passed through, and they hold the request (its message, the
+    arrays viewing it, its future, which held the exception): a reference cycle that kept every refused frame,
+    64 MiB ones included, alive until Python's rare full collection. Formatting the failure where it is caught
+    and handing on only this text leaves nothing to collect: the exception dies with its `except` block.
+    """
+
+    bad_input: bool  # refused (an undecodable frame, an InvalidInputError) rather than failed in the server
+    headline: str  # "<ExceptionType>: <message>"
+    traceback: str  # the formatted traceback, chained exceptions included
+
+    @classmethod
+    def of(cls, exc: BaseException, *, bad_input: bool) -> _Failure:
+        """Formats `exc` (call from its `except` block, then let it go)."""
+        return cls(bad_input or isinstance(exc, InvalidInputError), f"{type(exc).__name__}: {exc}",
+                   "".join(traceback.format_exception(exc)))
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     """One decoded request waiting for the inference worker."""
@@ -215,7 +263,7 @@ class _Request:
     obs: dict
     options: dict  # per-request options for `infer`, without noise
     noise: np.ndarray | None  # the caller's seed(s), one row of a batch's stacked noise
-    future: asyncio.Future  # -> (policy result, server_timing)
+    future: asyncio.Future  # -> (policy result, server_timing) or _Failure; never an exception
     arrived: float  # perf_counter when it was queued
 
     @property
@@ -346,8 +394,14 @@ class PolicyServer:
         self.max_batch = max_batch
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue: collections.deque[_Request] = collections.deque()
+        self._connections = 0  # connections whose handler has not returned yet
         self._wakeup: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None  # where it listens, once running
+
+    @property
+    def connections(self) -> int:
+        """Connections being handled now (a closed one counts until its handler has returned)."""
+        return self._connections
 
     @property
     def waiting(self) -> int:
@@ -428,21 +482,24 @@ class PolicyServer:
         return [(result, {"infer_ms": infer_ms, "batch_size": len(batch), "queue_ms": 1e3 * (start - r.arrived)})
                 for r, result in zip(batch, results, strict=True)]
 
-    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | Exception]:
-        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself."""
+    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | _Failure]:
+        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself.
+
+        A failure comes back formatted (`_Failure`), so no exception, traceback or frame outlives this call.
+        """
         try:
             return self._call(batch)
         except Exception as exc:  # noqa: BLE001 -- handed to the request's client
             if len(batch) == 1:
-                return [exc]
+                return [_Failure.of(exc, bad_input=False)]
             logger.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
                            type(exc).__name__, exc)
-        outcomes: list[tuple[Mapping, dict] | Exception] = []
+        outcomes: list[tuple[Mapping, dict] | _Failure] = []
         for request in batch:
             try:
                 outcomes += self._call([request])
             except Exception as exc:  # noqa: BLE001
-                outcomes.append(exc)
+                outcomes.append(_Failure.of(exc, bad_input=False))
         return outcomes
 
     async def _worker(self) -> None:
@@ -460,24 +517,51 @@ class PolicyServer:
                 continue
             outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
             for request, outcome in zip(batch, outcomes, strict=True):
-                if request.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    request.future.set_exception(outcome)
-                else:
+                if not request.future.done():
                     request.future.set_result(outcome)
+            # This frame lives as long as the server: the last batch (its messages) must not wait here for the next.
+            del batch, outcomes, request, outcome
 
-    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict]:
-        """Queues one request for the worker -> (policy result, server_timing)."""
+    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict] | _Failure:
+        """Queues one request for the worker -> (policy result, server_timing), or its `_Failure`."""
         request = _Request(obs, options, noise, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(request)
         self._wakeup.set()
         return await request.future
 
+    async def _answer(self, message: str | bytes, request_id: str, peer: Any,
+                      prev_total_ms: float | None) -> bytes | _Failure:
+        """One request -> its reply frame, or its `_Failure` (formatted in the `except` block, so neither the
+        exception nor the frames it holds survive into the error reply's awaits)."""
+        try:
+            parts = self._split_observation(message)
+        except Exception as exc:  # noqa: BLE001 -- an undecodable or malformed frame is the client's
+            return _Failure.of(exc, bad_input=True)
+        try:
+            outcome = await self._infer(*parts)
+            if isinstance(outcome, _Failure):
+                return outcome
+            result, timing = outcome
+            reply = dict(result)
+            if "actions" in reply:  # the output guard, also for policies without their own
+                check_actions(reply["actions"], "the reply")
+            reply["server_timing"] = timing
+            reply["request_id"] = request_id
+            if prev_total_ms is not None:
+                reply["server_timing"]["prev_total_ms"] = prev_total_ms
+            for warning in reply.get("warnings", ()):
+                logger.info("request %s from %s: %s", request_id, peer, warning)
+            logger.debug("request %s from %s: policy %.1f ms, batch %d", request_id, peer, timing["infer_ms"],
+                         timing["batch_size"])
+            return packb(reply)
+        except Exception as exc:  # noqa: BLE001 -- any failure goes back to this client, never down the server
+            return _Failure.of(exc, bad_input=False)
+
     async def _handle(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
         connection = uuid.uuid4().hex[:8]  # request ids are <connection>-<n>: one grep finds a client's requests
         logger.info("connection %s: client %s connected", connection, peer)
+        self._connections += 1
         try:
             await ws.send(self._metadata_frame)
             prev_total_ms: float | None = None
@@ -485,58 +569,34 @@ class PolicyServer:
                 message = await ws.recv()
                 start = time.perf_counter()
                 request_id = f"{connection}-{n}"
-                decoded = False
-                try:
-                    parts = self._split_observation(message)
-                    decoded = True
-                    result, timing = await self._infer(*parts)
-                    reply = dict(result)
-                    if "actions" in reply:  # the output guard, also for policies without their own
-                        check_actions(reply["actions"], "the reply")
-                    reply["server_timing"] = timing
-                    reply["request_id"] = request_id
-                    if prev_total_ms is not None:
-                        reply["server_timing"]["prev_total_ms"] = prev_total_ms
-                    frame = packb(reply)
-                except Exception as exc:  # noqa: BLE001 -- any failure goes back to this client, never down the server
-                    await self._send_error(ws, request_id, peer, exc, bad_input=not decoded or isinstance(
-                        exc, InvalidInputError), frame_bytes=len(message))
+                answer = await self._answer(message, request_id, peer, prev_total_ms)
+                del message  # a refused 64 MiB frame is freed now, not when the client's close completes
+                if isinstance(answer, _Failure):
+                    await self._send_error(ws, request_id, peer, answer)
                     return
-                await ws.send(frame)
+                await ws.send(answer)
                 prev_total_ms = 1e3 * (time.perf_counter() - start)
-                for warning in reply.get("warnings", ()):
-                    logger.info("request %s from %s: %s", request_id, peer, warning)
-                logger.debug("request %s from %s served in %.1f ms (policy %.1f ms, batch %d)", request_id, peer,
-                             prev_total_ms, timing["infer_ms"], timing["batch_size"])
+                logger.debug("request %s from %s served in %.1f ms", request_id, peer, prev_total_ms)
         except websockets.ConnectionClosed:
             pass
         finally:
+            self._connections -= 1
             logger.info("connection %s: client %s disconnected", connection, peer)
 
     @staticmethod
-    async def _send_error(ws: ServerConnection, request_id: str, peer: Any, exc: Exception, *, bad_input: bool,
-                          frame_bytes: int) -> None:
+    async def _send_error(ws: ServerConnection, request_id: str, peer: Any, failure: _Failure) -> None:
         """openpi's error reply: the traceback as a TEXT frame, headed by the request id, then close 1011.
 
         A refused input (an undecodable frame, an `InvalidInputError`) is logged on one line; any other failure
         with its traceback, as a server-side fault.
         """
-        verb = "refused" if bad_input else "failed"
-        headline = f"request {request_id} {verb}: {type(exc).__name__}: {exc}"
-        if bad_input:
-            logger.warning("request %s from %s %s: %s: %s", request_id, peer, verb, type(exc).__name__, exc)
+        verb = "refused" if failure.bad_input else "failed"
+        if failure.bad_input:
+            logger.warning("request %s from %s %s: %s", request_id, peer, verb, failure.headline)
         else:
-            logger.error("request %s from %s %s", request_id, peer, verb, exc_info=exc)
-        text = "".join(traceback.format_exception(exc))
-        await ws.send(f"faster-vla policy server: {headline}\n{text}")
+            logger.error("request %s from %s %s\n%s", request_id, peer, verb, failure.traceback.rstrip())
+        await ws.send(f"faster-vla policy server: request {request_id} {verb}: {failure.headline}\n{failure.traceback}")
         await ws.close(ERROR_CLOSE_CODE, f"request {request_id} {verb}; traceback in the previous text frame")
-        del exc
-        if frame_bytes >= LARGE_FRAME_BYTES:
-            # A failed request's frame stays alive in reference cycles (exception tracebacks hold the frames that
-            # hold the message and the arrays viewing it) until Python's rare full collection: measured by
-            # benchmarks/fuzz_server.py, 40 refused 64 MiB frames left the server +260-390 MiB; with this, +130.
-            # A collection costs ~85 ms (2 shared cores), paid only after a refused frame this large.
-            gc.collect()
 
     async def run(
         self, stop: Awaitable[Any] | None = None, on_ready: Callable[[tuple[str, int]], None] | None = None
