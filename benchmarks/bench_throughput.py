@@ -78,9 +78,10 @@ def run_variant(variant: Variant, root: Path, episodes: int, extra: list[str]) -
 
 def summarise(records: list[dict[str, Any]], num_envs: int) -> dict[str, Any]:
     """Steady state: from the end of the first round (which compiles) to the last episode."""
-    first, last = records[min(num_envs, len(records) - 1) - 1], records[-1]
-    if first is last:
-        raise ValueError(f"need more episodes than one round ({num_envs}) to measure a steady state")
+    if len(records) <= num_envs:
+        raise ValueError(f"need more episodes than one round ({num_envs}) to measure a steady state, "
+                         f"got {len(records)}")
+    first, last = records[num_envs - 1], records[-1]
     delta = lambda key: last.get(key, 0.0) - first.get(key, 0.0)  # noqa: E731
     steps, wall = delta("env_steps"), delta("wall_s")
     stages = {s: delta(f"time_s/{s}") for s in STAGES}
