@@ -78,9 +78,10 @@ def run_variant(variant: Variant, root: Path, episodes: int, extra: list[str]) -
 
 def summarise(records: list[dict[str, Any]], num_envs: int) -> dict[str, Any]:
     """Steady state: from the end of the first round (which compiles) to the last episode."""
-    first, last = records[min(num_envs, len(records) - 1) - 1], records[-1]
-    if first is last:
-        raise ValueError(f"need more episodes than one round ({num_envs}) to measure a steady state")
+    if len(records) <= num_envs:
+        raise ValueError(f"need more episodes than one round ({num_envs}) to measure a steady state, "
+                         f"got {len(records)}")
+    first, last = records[num_envs - 1], records[-1]
     delta = lambda key: last.get(key, 0.0) - first.get(key, 0.0)  # noqa: E731
     steps, wall = delta("env_steps"), delta("wall_s")
     stages = {s: delta(f"time_s/{s}") for s in STAGES}
@@ -100,24 +101,26 @@ def summarise(records: list[dict[str, Any]], num_envs: int) -> dict[str, Any]:
     }
 
 
-def pi05_libero_round(decisions: int) -> dict[str, Any]:
-    """pi05_libero-shaped: the episode loop's stages with the 3.3B actor and its critics on this device."""
+def pi05_libero_round(decisions: int, rehearse: bool = False) -> dict[str, Any]:
+    """pi05_libero-shaped: the episode loop's stages with the 3.3B actor and its critics on this device
+    (`rehearse`: device_check's tiny rehearsal plan instead, to check the code path in a minute)."""
     import jax
     import numpy as np
 
-    from device_check import DEVICE, build_model, make_learner
+    from device_check import DEVICE, REHEARSAL, build_model, make_learner
     from bench_update import make_batch
     from faster_vla.acting.agent import Agent
     from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
     from faster_vla.libero.rollout import StageTimes, run_episodes
     from faster_vla.policies import flops as actor_flops
 
-    plan = DEVICE
+    plan = REHEARSAL if rehearse else DEVICE
     model, info = build_model(plan)
     learner_config, learner = make_learner(model, plan)
     agent = Agent(model.policy, learner_config, num_steps=plan.num_steps, seed=0)
     horizon = model.config.action_horizon
-    env_config = LiberoEnvConfig(suite="libero_90", task="20", resolution=256, image_size=224)
+    env_config = LiberoEnvConfig(suite="libero_90", task=20, resolution=256,
+                                 image_size=model.config.siglip.image_size)
     out: dict[str, Any] = {"model": info, "device": str(jax.devices()[0]), "decisions": decisions}
     with LiberoEnv(dataclasses.replace(env_config, max_steps=horizon)) as warm:  # compiles (one decision)
         run_episodes(agent, learner, learner_config.selection, warm, [(0, jax.random.key(0))], record="chunk",
@@ -250,6 +253,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="cycles through the variants (medians reported)")
     parser.add_argument("--skip-runs", action="store_true", help="part 2 only")
     parser.add_argument("--pi05-libero", action="store_true", help="also measure a pi05_libero-shaped round")
+    parser.add_argument("--rehearse", action="store_true", help="part 2 on a tiny plan (checks the code path)")
     parser.add_argument("--pi05-decisions", type=int, default=3, help="decisions of the pi05_libero episode")
     parser.add_argument("--train-args", default="", help="extra `faster-vla train` flags, one string")
     parser.add_argument("--json", default=None, help="write the result here")
@@ -281,7 +285,7 @@ def main() -> None:
         result["runs"] = [sorted(v, key=lambda r: r["env_steps_per_s"])[len(v) // 2] for v in per_variant.values()]
         result["all_runs"] = per_variant
     if args.pi05_libero:
-        result["pi05_libero"] = pi05_libero_round(args.pi05_decisions)
+        result["pi05_libero"] = pi05_libero_round(args.pi05_decisions, args.rehearse)
     for path in args.merge:
         earlier = json.loads(Path(path).read_text())
         for key in ("runs", "all_runs", "pi05_libero"):
