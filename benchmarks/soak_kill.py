@@ -444,6 +444,20 @@ def kill_plan(args: SoakArgs) -> list[dict[str, Any]]:
     return [{"target": t, "nth": rng.randint(1, most[t]), "fraction": rng.uniform(0.05, 0.95)} for t in targets]
 
 
+def corrupt_checkpoints(kills: Sequence[dict[str, Any]], final: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each distinct corrupt checkpoint once (a corrupt folder stays until retention deletes it, so consecutive
+    checks see it again): the run, its episode, the first check that saw it and how many did."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    checks = [(f"kill {k['life'] + 1}", "soak", k["corrupt"]) for k in kills]
+    checks += [(f"end ({name})", name, c["corrupt"]) for name, c in final.items()]
+    for check, run, corrupt in checks:
+        for episode, error in corrupt.items():
+            entry = seen.setdefault((run, str(episode)), {"run": run, "episode": int(episode), "first_seen": check,
+                                                          "sightings": 0, "error": error[:200]})
+            entry["sightings"] += 1
+    return list(seen.values())
+
+
 def soak(args: SoakArgs) -> dict[str, Any]:
     if args.out.exists():
         if not args.overwrite:
@@ -509,7 +523,7 @@ def soak(args: SoakArgs) -> dict[str, Any]:
     checkpoints = compare_checkpoints(checker, soak_dir / "checkpoints", reference_dir / "checkpoints")
     final_check = {name: checker.restore_all(d / "checkpoints") for name, d in
                    (("soak", soak_dir), ("reference", reference_dir))}
-    corrupt = sum(len(k["corrupt"]) for k in kills) + sum(len(c["corrupt"]) for c in final_check.values())
+    corrupt = corrupt_checkpoints(kills, final_check)
     landed = Counter(k["landed"] for k in kills)
     result = {
         "benchmark": "soak_kill",
@@ -524,7 +538,8 @@ def soak(args: SoakArgs) -> dict[str, Any]:
         "checkpoints_checked": sum(len(k["checkpoints"]) for k in kills)
         + sum(len(c["episodes"]) for c in final_check.values()),
         "unfinished_folders_seen": sum(len(k["unfinished"]) for k in kills),
-        "corrupt_checkpoints": corrupt,
+        "corrupt_checkpoints": len(corrupt),
+        "corrupt": corrupt,
         "metrics": metrics,
         "checkpoints": checkpoints,
         "divergences": metrics["differences"] + checkpoints["differences"],
@@ -539,7 +554,7 @@ def soak(args: SoakArgs) -> dict[str, Any]:
 
     write_result(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("kill_log", "metrics", "checkpoints")}, indent=1))
-    print(f"divergences {result['divergences']}, corrupt checkpoints {corrupt}, survivors {result['survivors']}; "
+    print(f"divergences {result['divergences']}, corrupt checkpoints {len(corrupt)}, survivors {result['survivors']}; "
           f"wrote {args.json}", flush=True)
     return result
 
