@@ -4,7 +4,8 @@ The base policy (π0.5, denoising the seed FASTER picked) proposes a chunk; the 
 β·tanh(u), u ~ N(μ(s, a_base), σ(s, a_base)²), over the flattened chunk [h·A], and clips to the action
 bounds. β (0.2 on pi05_libero, paper appendix B) keeps the edited chunk near the base policy's support.
 The policy maximises the mean over ALL critic members of Q(s, a_base + edit) with a SAC entropy bonus whose
-weight α is tuned to a target entropy of −|A|/2 (|A| = h·A).
+weight α is tuned to a target entropy of −|A|/2 (|A| = h·A), measured either on the edit β·y (the FASTER and
+EXPO authors' default) or on the tanh sample y; the two differ by |A|·log β (`temperature_loss`).
 
 Size at pi05_libero (chunk 10×7, hidden (256, 256)): 4,607,692 parameters with its own backbone encoder,
 21,686,796 with its own image encoder, 401,548 with `own_encoder=False` (the critic's embedding passed in).
@@ -62,7 +63,8 @@ class EditPolicyConfig:
 
     @property
     def target_entropy(self) -> float:
-        """EXPO's target entropy −|A|/2 for the tanh-space log-prob (see `temperature_loss`)."""
+        """EXPO's target entropy −|A|/2, in whichever space the learner measures α's entropy (see
+        `temperature_loss` and `LearnerConfig.alpha_entropy`)."""
         return -self.flat_dim / 2.0
 
 
@@ -169,7 +171,8 @@ def edit_policy_loss(
     fresh base-policy samples). `critic_fn` returns every member, q [E, B]; all members are averaged (not a
     min of two). α is a constant here (stop-gradient). The −|A|·log β term turns log π of the tanh sample
     into the log-density of the edit β·y; it is constant in the policy params and only shifts the loss.
-    Returns (loss, info) with info["log_prob"] [B] the tanh-space log π for `temperature_loss`.
+    Returns (loss, info) with info["log_prob"] [B] the tanh-space log π (subtract |A|·log β for the edit's,
+    as `temperature_loss` is given it by default).
     """
     cfg = policy.config
     dist = policy.apply(policy_params, inputs, base_chunk)
@@ -195,8 +198,12 @@ def edit_policy_loss(
 def temperature_loss(log_alpha: jax.Array, log_prob: jax.Array, target_entropy: float) -> jax.Array:
     """α·sg(H − H_target), H = −mean(log_prob): descending on log α lowers α when the entropy is above target.
 
-    Pass the tanh-space log π with target −|A|/2 (`EditPolicyConfig.target_entropy`): identical to EXPO's
-    edit-space form (log π − |A|·log β against −|A|/2 + |A|·log β), the |A|·log β cancelling.
+    Which log π is passed decides what α does. The FASTER and EXPO authors' default passes the edit's
+    log-density, log π − |A|·log β (`edit_policy_loss`'s tanh-space log π shifted), against −|A|/2. Passing the tanh
+    sample's log π against the same −|A|/2 is NOT the same target: it equals their edit-space form against
+    −|A|/2 + |A|·log β (their `adjust_target_entropy` option), |A|·log(1/β) nats lower (112.7 at |A| = 70,
+    β = 0.2). The edit's entropy is at most |A|·log 2β, so in edit space with β < e^{-1/2}/2 ≈ 0.303 the
+    target is out of reach and α rises at every step; in tanh space it decays once the edits are broad.
     """
     entropy = -jnp.mean(log_prob)
     return jnp.exp(log_alpha) * jax.lax.stop_gradient(entropy - target_entropy)

@@ -171,9 +171,10 @@ def run_serve(args: ServeArgs) -> None:
     if args.api_key is None and os.environ.get(API_KEY_ENV):
         args = dataclasses.replace(args, api_key=os.environ[API_KEY_ENV])
     check_args(args)
-    # Our progress at INFO; libraries (jax, websockets' per-connection lines) only from WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faster_vla").setLevel(logging.INFO)
+    # Our progress at INFO, libraries from WARNING; ISO 8601 timestamps, request ids in the server's lines.
+    serving.configure_logging(logging.INFO)
+    if not serving.return_large_buffers_to_os():
+        logger.info("not glibc: freed large buffers are returned to the OS as this C library's malloc decides")
     max_batch = default_max_batch() if args.max_batch is None else args.max_batch
     policy = build_policy(args)
     logger.info("serving %s", policy.metadata.get("policy", type(policy).__name__))

@@ -13,20 +13,69 @@ openpi resizes in two places, with two different functions:
   levels (another filter support, 8-bit fixed-point arithmetic); `faster-vla eval --protocol openpi` uses it.
 
 Both are checked against goldens of openpi's own functions (tests/test_image_tools.py, tests/test_resize_parity.py).
+
+Every input shape needs its own compiled XLA program for the JAX resize (about 2.5 MiB each on XLA:CPU). A
+server resizes whatever image sizes its clients send, so a plain `jax.jit` cache would grow with every new
+size a client chooses; here the compiled programs live in an LRU cache of `MAX_CACHED_PROGRAMS` entries
+instead, and an evicted program's memory is freed (each is compiled from its own function object, so jax's
+function-keyed tracing and lowering caches let go of it too, and the jnp/jax.image jits inside are traced
+inline). A size outside the cache costs one compilation.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
+import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Compiled resize programs kept: LIBERO's two cameras and a few client sizes fit; an adversarial stream of new
+# sizes costs compilations, never unbounded memory.
+MAX_CACHED_PROGRAMS = 16
+_ProgramKey = tuple[tuple[int, ...], str, int, int]  # input shape [b, h, w, c], dtype, target height, width
+_programs: collections.OrderedDict[_ProgramKey, Callable[[jax.Array], jax.Array]] = collections.OrderedDict()
+_programs_lock = threading.Lock()  # the serving worker and eval threads may resize concurrently
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+
+def cached_programs() -> int:
+    """How many compiled resize programs are alive in the cache (at most `MAX_CACHED_PROGRAMS`)."""
+    with _programs_lock:
+        return len(_programs)
+
+
+def _program(shape: tuple[int, ...], dtype: np.dtype, height: int, width: int) -> Callable[[jax.Array], jax.Array]:
+    """The compiled CPU resize for `shape`/`dtype` -> (height, width), from the LRU cache or compiled now."""
+    key = (shape, np.dtype(dtype).str, height, width)
+    with _programs_lock:
+        program = _programs.get(key)
+        if program is not None:
+            _programs.move_to_end(key)
+            return program
+
+    def resize(images: jax.Array) -> jax.Array:  # a fresh function per program: jax's caches keyed on it go with it
+        # jax.image.resize, jnp.pad, jnp.round, ... are jits of their own with shapes static: traced from here they
+        # would each keep a jaxpr per input shape in caches keyed on those (module-level, immortal) functions.
+        # disable_jit traces their bodies inline instead: the same operations (XLA inlines nested calls anyway),
+        # so all that a shape leaves behind is this evictable program.
+        with jax.disable_jit():
+            return _resize_with_pad_bhwc(images, height, width)
+
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        program = jax.jit(resize).lower(jax.ShapeDtypeStruct(shape, dtype)).compile()
+    with _programs_lock:
+        _programs[key] = program
+        _programs.move_to_end(key)
+        while len(_programs) > MAX_CACHED_PROGRAMS:
+            _programs.popitem(last=False)
+    return program
+
+
 def _resize_with_pad_bhwc(images: jax.Array, height: int, width: int) -> jax.Array:
-    """images [b, h, w, c] uint8 or float32 -> [b, height, width, c] of the same dtype."""
+    """images [b, h, w, c] uint8 or float32 -> [b, height, width, c] of the same dtype (traced by `_program`)."""
     cur_height, cur_width = images.shape[1:3]
     ratio = max(cur_width / width, cur_height / height)
     resized_height = int(cur_height / ratio)
@@ -70,8 +119,8 @@ def resize_with_pad(images: np.ndarray, height: int, width: int) -> np.ndarray:
 
     lead_shape = images.shape[:-3]
     flat = images.reshape(-1, *images.shape[-3:])
-    with jax.default_device(jax.devices("cpu")[0]):
-        out = np.asarray(_resize_with_pad_bhwc(jnp.asarray(flat), height, width))
+    program = _program(flat.shape, flat.dtype, height, width)
+    out = np.asarray(program(jax.device_put(flat, jax.devices("cpu")[0])))
     return out.reshape(*lead_shape, *out.shape[1:])
 
 

@@ -5,10 +5,15 @@
 robot's units plus `policy_timing` per part, as openpi's `Policy.infer` does; `infer_batch` runs several in
 one batched encode and denoise (what a server batching concurrent clients calls). Serving and evaluation build
 on this object; the actor underneath is the same one critics and training use.
+
+Every raw observation passes `policies.validation` in `prepare` before any transform or model call (the one
+place serving, bundles, eval and train all go through), and `infer_batch` refuses to return a non-finite action.
+A prompt truncated to the model's token budget comes back as a note in the result's `warnings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -25,10 +30,18 @@ from faster_vla.policies.transforms import (
     Normalize,
     PadStatesAndActions,
     ResizeImages,
+    WARNINGS_KEY,
     TokenizePrompt,
     Transform,
     Unnormalize,
     compose,
+)
+from faster_vla.policies.validation import (
+    LIBERO_STATE_DIM,
+    ObservationSpec,
+    check_actions,
+    check_noise,
+    check_observation,
 )
 
 T = TypeVar("T")
@@ -56,6 +69,15 @@ def pad_rows(tree: T, size: int) -> T:
     return jax.tree.map(pad, tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Raw rows after the checks and input transforms: what the model reads, plus notes for the caller."""
+
+    observation: Observation  # [b]
+    actions: np.ndarray | None  # [b, H, action_dim] normalised and padded (training rows), else None
+    warnings: list[list[str]]  # per row, e.g. a truncated prompt; empty lists when all went as asked
+
+
 class Policy:
     """Transforms around a `Pi05Actor`, with its own noise stream (seeded, split per call)."""
 
@@ -68,8 +90,11 @@ class Policy:
         num_steps: int = 10,
         seed: int = 0,
         metadata: Mapping[str, Any] | None = None,
+        spec: ObservationSpec | None = None,
     ) -> None:
+        """`spec`: what a raw observation must hold (LIBERO's keys and 8-D state by default)."""
         self.actor = actor
+        self.spec = ObservationSpec() if spec is None else spec
         self.input_transform = input_transform
         self.output_transform = output_transform
         self.num_steps = num_steps
@@ -83,25 +108,41 @@ class Policy:
     def to_training_batch(self, raw: Sequence[Mapping[str, Any]]) -> tuple[Observation, np.ndarray | None]:
         """Raw rows, optionally each with "actions" [H, 7] -> (Observation [b], actions [b, H, action_dim]
         normalised and padded, or None): training rows go through exactly the transforms acting uses."""
+        prepared = self.prepare(raw)
+        return prepared.observation, prepared.actions
+
+    def prepare(self, raw: Sequence[Mapping[str, Any]]) -> Prepared:
+        """Checks every raw row (`validation.check_observation`: all of them before any transform, so a bad row
+        costs no work), then runs the input transforms and stacks the rows."""
+        if len(raw) == 0:
+            raise ValueError("no observations: a batch needs at least one")
+        for i, obs in enumerate(raw):
+            check_observation(obs, self.spec, index=i if len(raw) > 1 else None)
         rows = [self.input_transform(dict(obs)) for obs in raw]
+        warnings = [list(row.pop(WARNINGS_KEY, ())) for row in rows]
         with_actions = ["actions" in row for row in rows]
         if any(with_actions) and not all(with_actions):
             raise ValueError("either every row or none carries 'actions'")
         actions = np.stack([np.asarray(row.pop("actions"), np.float32) for row in rows]) if all(with_actions) else None
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows)
-        return Observation.from_dict(stacked), actions
+        return Prepared(Observation.from_dict(stacked), actions, warnings)
 
     def to_observation(self, obs: Mapping[str, Any]) -> Observation:
         """One raw observation -> the model's batched `Observation` (batch 1), through the input transforms."""
         return self.to_observations([obs])
 
     def infer(self, obs: Mapping[str, Any], *, noise: np.ndarray | None = None) -> dict[str, Any]:
-        """One observation -> {'actions': [horizon, robot_action_dim], 'policy_timing': {part: ms}}.
+        """One observation -> {'actions': [horizon, robot_action_dim], 'policy_timing': {part: ms}}, plus
+        'warnings' (list[str]) when the policy changed the request, e.g. truncated the prompt.
 
         `noise` [horizon, action_dim] fixes the initial noise (the caller's seed); otherwise it is drawn from
-        the policy's own stream.
+        the policy's own stream. Bad input raises `validation.InvalidInputError` before any compute; a
+        non-finite result raises `validation.NonFiniteActionError` instead of being returned.
         """
-        return self.infer_batch([obs], noise=None if noise is None else np.asarray(noise, np.float32)[None])[0]
+        if noise is not None:
+            config = self.actor.config
+            noise = check_noise(noise, (config.action_horizon, config.action_dim))[None]
+        return self.infer_batch([obs], noise=noise)[0]
 
     def infer_batch(
         self, observations: Sequence[Mapping[str, Any]], *, noise: np.ndarray | None = None
@@ -116,16 +157,11 @@ class Policy:
         b = len(observations)
         size = batch_bucket(b)
         shape = (config.action_horizon, config.action_dim)
-        if noise is not None:
-            noise = np.asarray(noise, np.float32)
-            if noise.ndim == 0 or noise.shape[0] != b:
-                raise ValueError(f"noise must hold one seed per observation: {b} observation(s), noise shape "
-                                 f"{list(noise.shape)}")
-            if noise.shape[1:] != shape:
-                raise ValueError(f"noise must be {list(shape)} (horizon, action_dim) per observation, got "
-                                 f"{list(noise.shape[1:])}")
+        if noise is not None:  # one seed per observation
+            noise = check_noise(noise, (b, *shape))
         t0 = time.perf_counter()
-        observation = self.to_observations(observations)  # a bad observation fails here, before any key is drawn
+        prepared = self.prepare(observations)  # a bad observation fails here, before any key is drawn
+        observation = prepared.observation
         if noise is None:
             keys = []
             for _ in range(b):
@@ -140,6 +176,10 @@ class Policy:
         actions, states = np.asarray(actions[:b, 0]), np.asarray(observation.state)  # [b, H, A], [b, S]
         # openpi hands the (normalised) state to the output transforms too; its Unnormalize expects it.
         outs = [self.output_transform({"state": states[i], "actions": actions[i]}) for i in range(b)]
+        for i, out in enumerate(outs):
+            check_actions(out["actions"], f"observation {i}" if b > 1 else "the observation")
+            if prepared.warnings[i]:
+                out["warnings"] = prepared.warnings[i]
         t4 = time.perf_counter()
         timing = {
             "input_transform_ms": 1e3 * (t1 - t0),
@@ -177,5 +217,8 @@ def make_libero_policy(
         PadStatesAndActions(config.action_dim),
     )
     outputs = compose(Unnormalize(norm_stats, use_quantiles=True), LiberoOutputs())
+    # The state length the norm stats (and so the bundle's critics) were made for; LIBERO's 8 without stats.
+    state_stats = norm_stats.get("state")
+    state_dim = LIBERO_STATE_DIM if state_stats is None or np.ndim(state_stats.mean) == 0 else len(state_stats.mean)
     return Policy(actor, input_transform=inputs, output_transform=outputs, num_steps=num_steps, seed=seed,
-                  metadata=metadata)
+                  metadata=metadata, spec=ObservationSpec(state_dim=state_dim))

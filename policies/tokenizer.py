@@ -73,8 +73,12 @@ class PaligemmaTokenizer:
     def path(self) -> Path:
         return self._path
 
-    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """prompt (+ optional normalised state float[d]) -> (tokens int32[max_len], mask bool[max_len])."""
+    def tokenize(self, prompt: str, state: np.ndarray | None = None, *,
+                 warnings: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """prompt (+ optional normalised state float[d]) -> (tokens int32[max_len], mask bool[max_len]).
+
+        A truncation is logged, as openpi does, and also appended to `warnings` when given, so a policy can
+        hand it back to its caller (a server's client sees no server log)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
         text = clean_prompt(prompt)
@@ -97,6 +101,9 @@ class PaligemmaTokenizer:
                 n,
                 self._max_len,
             )
+            if warnings is not None:
+                warnings.append(f"prompt: {n} tokens, more than the model's max_token_len {self._max_len}; "
+                                f"truncated to the first {self._max_len} tokens, as openpi does")
             tokens = tokens[: self._max_len]
             n = self._max_len
         out_tokens = np.zeros(self._max_len, dtype=np.int32)

@@ -33,6 +33,7 @@ LIBERO_INPUT_KEYS: tuple[str, ...] = (LIBERO_IMAGE_KEY, LIBERO_WRIST_IMAGE_KEY, 
 LIBERO_ACTION_DIM = 7  # xyz delta, axis-angle delta, gripper
 
 DataDict = dict[str, Any]
+WARNINGS_KEY = "warnings"  # a transform's notes for the caller (a truncated prompt), list[str]
 
 
 class Transform(Protocol):
@@ -224,7 +225,8 @@ class ResizeImages:
 class TokenizePrompt:
     """Replaces 'prompt' with tokenized_prompt int32[max_len] and tokenized_prompt_mask bool[max_len].
 
-    With discrete_state_input the (already normalised) state is written into the prompt as 256-way bins.
+    With discrete_state_input the (already normalised) state is written into the prompt as 256-way bins. A
+    prompt over max_len tokens is truncated (openpi's behaviour) and noted under 'warnings'.
     """
 
     tokenizer: PaligemmaTokenizer
@@ -246,8 +248,11 @@ class TokenizePrompt:
             state = data.get("state")
             if state is None:
                 raise ValueError(f"TokenizePrompt: discrete_state_input needs key 'state'; got {sorted(data)}")
-        tokens, mask = self.tokenizer.tokenize(prompt, state)
+        warnings: list[str] = []
+        tokens, mask = self.tokenizer.tokenize(prompt, state, warnings=warnings)
         out = {k: v for k, v in data.items() if k != "prompt"}
+        if warnings:  # handed back to the caller by `Policy.prepare`, never to the model
+            out[WARNINGS_KEY] = [*data.get(WARNINGS_KEY, ()), *warnings]
         out["tokenized_prompt"] = tokens
         out["tokenized_prompt_mask"] = mask
         return out

@@ -105,12 +105,24 @@ def test_load_policy_acts_with_the_runs_rule(bundle, run_dir):
     base = policy.infer(obs, noise=noise[:1], selection="base")
     assert base["actions"].shape == (PI05_SMALL.action_horizon, 7)
     bad = dict(obs, **{"observation/state": np.full(8, np.nan, np.float32)})
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="observation/state: expected a 1-D array of 8 finite numbers, found 8 NaN"):
         policy.infer(bad)
-    with pytest.raises(ValueError, match="max_token_len"):
-        policy.infer(dict(obs, prompt="open the drawer " * 40))
-    with pytest.raises(ValueError, match="unknown selection"):
+    # An over-long prompt is truncated as openpi does, and the result says so.
+    long = policy.infer(dict(obs, prompt="open the drawer " * 40))
+    assert long["actions"].shape == (PI05_SMALL.action_horizon, 7)
+    assert len(long["warnings"]) == 1 and "truncated" in long["warnings"][0]
+    assert "warnings" not in out
+    with pytest.raises(ValueError, match="selection: expected one of"):
         policy.infer(obs, selection="best_of_everything")
+    # The bundle's own options: refused before any compute, naming the field, the expected and the found value.
+    with pytest.raises(ValueError, match=r"num_candidates: expected an int in \[1, 1024\], found True"):
+        policy.infer(obs, num_candidates=True)
+    with pytest.raises(ValueError, match="return_scores: expected a bool, found str"):
+        policy.infer(obs, return_scores="yes")
+    with pytest.raises(ValueError, match=r"noise: expected finite numbers of shape \[1, 2, .* found 1 NaN"):
+        policy.infer(obs, noise=np.where(np.arange(noise.size).reshape(noise.shape) == 5, np.nan, noise))
+    with pytest.raises(ValueError, match=r"observation/image: expected an image of rank 3"):
+        policy.infer(dict(obs, **{"observation/image": np.zeros((224, 224), np.uint8)}))
 
 
 def test_batched_inference_equals_one_at_a_time(bundle):
@@ -129,7 +141,7 @@ def test_batched_inference_equals_one_at_a_time(bundle):
         if "noise_scores" in e:
             np.testing.assert_allclose(g["noise_scores"], e["noise_scores"], rtol=1e-5, atol=1e-5)
     assert got[0]["noise_scores"].shape == (4,)
-    with pytest.raises(ValueError, match="noise must be"):
+    with pytest.raises(ValueError, match=r"noise: expected finite numbers of shape \[3, 2, "):
         batched.infer_batch(observations, noise=noise[:2])
 
 

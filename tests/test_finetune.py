@@ -104,6 +104,46 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
         EvalConfig(bundle=bundle, run_dir=run_dir)
 
 
+class _Killed(BaseException):
+    """Stands in for a SIGKILL: raised where the process would die, caught by nothing in the loop."""
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, monkeypatch):
+    # kill -9 in episode 2, after episode 1 was logged and before the first checkpoint (episode 2) was saved:
+    # --resume used to refuse ("no checkpoint"), and a start without it too ("already holds a run"), so the
+    # folder could only be deleted. It now starts the run again from episode 0 and logs one history.
+    from faster_vla.runs.run import Run
+
+    run_dir = tmp_path / "run"
+    config = _config(run_dir, episodes=2, env_step_budget=None, checkpoint_every=2, eval_every=0)
+    rollout = Run.rollout
+    calls = []
+
+    def dies_in_episode_2(self, *args, **kwargs):
+        calls.append(self.counters.episodes)
+        if self.counters.episodes == 1:
+            raise _Killed
+        return rollout(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "rollout", dies_in_episode_2)
+    with pytest.raises(_Killed):
+        train(config, log=lambda *_: None)
+    monkeypatch.setattr(Run, "rollout", rollout)
+    killed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in killed] == [1] and RunCheckpointer(run_dir / "checkpoints").latest_episode is None
+
+    messages = []
+    result = train(dataclasses.replace(config, resume=True), log=messages.append)
+    assert any("starting it again from episode 0" in m for m in messages)
+    assert result["counters"]["episodes"] == 2 and result["counters"]["updates"] == 2 * base_updates()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    # Episode 1 ran again from the same start: init state, keys and learner, so the same outcome and losses.
+    same = ("train/success", "train/init_state", "train/episode_steps", "env_steps", "updates", "flops")
+    assert {k: records[0][k] for k in same} == {k: killed[0][k] for k in same}
+    assert records[0]["update/critic_loss"] == pytest.approx(killed[0]["update/critic_loss"], rel=1e-6)
+
+
 def test_bad_inputs_fail_before_anything_expensive(tmp_path):
     from faster_vla.rl.selection import SelectionConfig
 

@@ -1,8 +1,13 @@
 """resize_with_pad / to_model_image against openpi's goldens, plus shape, padding and error checks."""
 
+import collections
+import gc
+
+import jax
 import numpy as np
 import pytest
 
+from faster_vla.policies import image_tools
 from faster_vla.policies.image_tools import resize_with_pad, to_model_image
 
 
@@ -98,3 +103,21 @@ def test_to_model_image_range_and_errors():
     np.testing.assert_array_equal(out, np.array([-1.0, 1.0], dtype=np.float32))
     with pytest.raises(ValueError, match="expects uint8"):
         to_model_image(np.zeros(3, dtype=np.float32))
+
+
+def test_compiled_programs_are_bounded_whatever_sizes_clients_send(monkeypatch):
+    """Each input size needs its own compiled program (~2.5 MiB on XLA:CPU); a server resizes whatever sizes its
+    clients send, so the programs live in an LRU cache and an evicted one is freed, not kept by jax's caches."""
+    monkeypatch.setattr(image_tools, "MAX_CACHED_PROGRAMS", 2)
+    monkeypatch.setattr(image_tools, "_programs", collections.OrderedDict())
+    gc.collect()
+    before = sum(isinstance(o, jax.stages.Compiled) for o in gc.get_objects())
+    for side in range(20, 25):  # 5 sizes through a cache of 2
+        out = resize_with_pad(np.full((side, side + 1, 3), 9, np.uint8), 16, 16)
+        assert out.shape == (16, 16, 3)
+    kept = image_tools._programs[((1, 24, 25, 3), "|u1", 16, 16)]
+    resize_with_pad(np.zeros((24, 25, 3), np.uint8), 16, 16)  # a size in the cache is not compiled again
+    assert image_tools._programs[((1, 24, 25, 3), "|u1", 16, 16)] is kept
+    assert image_tools.cached_programs() == 2
+    gc.collect()
+    assert sum(isinstance(o, jax.stages.Compiled) for o in gc.get_objects()) == before + 2

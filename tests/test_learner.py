@@ -210,3 +210,161 @@ def test_update_flops_count_the_actor_only_without_the_cache():
     recomputed = learner.update_flops(batch, _ToyNextDenoiser(actor))
     assert cached > 0
     assert recomputed > cached  # the same update plus the actor's denoising of N seeds at every s_{t+h}
+
+
+# -- the FASTER authors' forms (issue 18 part 0): fresh seed draws, the split TD backup, α in edit space ----------
+
+def _wide_cache(actor: FlowActor, batch: dict, k: int, seed: int = 1) -> dict:
+    """`batch` with K = k seeds per row in cache and next_cache (noises drawn anew, their chunks by the actor)."""
+    rng = np.random.default_rng(seed)
+    out = dict(batch)
+    for cache_key, inputs_key in (("cache", "inputs"), ("next_cache", "next_inputs")):
+        lead = np.asarray(batch[cache_key]["noise"]).shape[:-3]  # [B] or [utd, B]
+        noise = rng.normal(size=(*lead[:-1], lead[-1], k, TASK.horizon, TASK.action_dim)).astype(np.float32)
+        obs = np.asarray(batch[inputs_key]["state"])
+        denoised = actor.denoise(jnp.asarray(obs.reshape(-1, 4)), jnp.asarray(noise.reshape(-1, k, *noise.shape[-2:])))
+        out[cache_key] = {"noise": noise, "denoised": np.asarray(denoised).reshape(noise.shape)}
+    return out
+
+
+def test_draw_pools_takes_n_distinct_seeds_per_row_with_their_chunks():
+    from faster_vla.rl.learner import draw_pools
+
+    b, k, n = 6, 12, 4
+    noise = jnp.arange(b * k, dtype=jnp.float32).reshape(b, k, 1, 1) * jnp.ones((1, 1, 2, 3))
+    cache = {"noise": noise, "denoised": -noise, "x_t": jnp.stack([noise, 2 * noise], axis=2)}  # x_t [b, k, 2, 2, 3]
+    drawn = draw_pools(jax.random.key(0), cache, n)
+    ids = np.asarray(drawn["noise"][:, :, 0, 0]).astype(int)  # [b, n] the seeds' global ids
+    assert drawn["noise"].shape == (b, n, 2, 3) and drawn["x_t"].shape == (b, n, 2, 2, 3)
+    for row in range(b):
+        assert len(set(ids[row])) == n and all(row * k <= i < (row + 1) * k for i in ids[row])  # its own, distinct
+    # Every field is gathered with the same indices: a seed keeps its chunk and its x_t.
+    np.testing.assert_array_equal(np.asarray(drawn["denoised"]), -np.asarray(drawn["noise"]))
+    np.testing.assert_array_equal(np.asarray(drawn["x_t"][:, :, 1]), 2 * np.asarray(drawn["noise"]))
+    # Another key, another draw; the rows do not all draw the same positions.
+    other = np.asarray(draw_pools(jax.random.key(1), cache, n)["noise"][:, :, 0, 0]).astype(int)
+    assert not np.array_equal(np.sort(ids, axis=1), np.sort(other, axis=1))
+    assert len({tuple(sorted(r % k)) for r in ids}) > 1
+    # K = N: the frozen pool, untouched; K < N: refused, naming the flag.
+    assert draw_pools(jax.random.key(0), cache, k) is cache
+    with pytest.raises(ValueError, match=r"holds 12 seeds per row but selection.num_candidates is 13.*--cache-seeds"):
+        draw_pools(jax.random.key(0), cache, k + 1)
+
+
+def test_each_critic_step_draws_new_seeds_and_a_resumed_learner_draws_the_same(tmp_path, monkeypatch):
+    import faster_vla.rl.learner as learner_module
+    from faster_vla.rl.replay import ReplayBuffer
+    from faster_vla.runs.checkpoint import RunCheckpointer
+
+    actor = FlowActor(TASK)
+    batch = _wide_cache(actor, _batch(actor, utd=2), k=16)
+    # Both critic steps of an update see the same rows and the same 16 cached seeds, so any difference between
+    # their pools is the draw.
+    batch = jax.tree.map(lambda x: jnp.asarray(np.stack([x[0], x[0]])), batch)
+    drawn: list[np.ndarray] = []
+    real = learner_module.draw_pools
+
+    def recording(rng, cache, n):
+        out = real(rng, cache, n)
+        drawn.append(np.asarray(out["noise"]))
+        return out
+
+    monkeypatch.setattr(learner_module, "draw_pools", recording)
+
+    def update(learner: Learner) -> tuple[Learner, list[np.ndarray]]:
+        drawn.clear()
+        with jax.disable_jit():  # traced anew, so the recording draw_pools runs with concrete values
+            new, _ = learner.update(batch)
+        return new, list(drawn)  # per critic step: [cache pool, next_cache pool]
+
+    first, draws_1 = update(_learner("faster"))
+    assert len(draws_1) == 4 and all(d.shape == (B, N, TASK.horizon, TASK.action_dim) for d in draws_1)
+    assert not np.array_equal(draws_1[0], draws_1[2])  # step 1 and step 2 draw other seeds for the same rows
+    assert not np.array_equal(draws_1[1], draws_1[3])
+
+    # A checkpoint round trip (as --resume does) carries the learner's key, so the next draws are the same.
+    ckpt = RunCheckpointer(tmp_path / "ckpt")
+    ckpt.save(1, first, ReplayBuffer(8), np.random.default_rng(0), {"episodes": 1})
+    template = jax.eval_shape(lambda: _learner("faster"))
+    restored = RunCheckpointer(tmp_path / "ckpt").restore_latest(template).learner
+    continued, draws_2 = update(first)
+    resumed, draws_2r = update(restored)
+    for a, b in zip(draws_2, draws_2r, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(draws_2[0], draws_1[0])  # the next update draws anew
+    for a, b in zip(jax.tree.leaves(continued.chunk_critic.params), jax.tree.leaves(resumed.chunk_critic.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_update_reads_the_seeds_beyond_the_first_n():
+    actor = FlowActor(TASK)
+    wide = jax.tree.map(jnp.asarray, _wide_cache(actor, _batch(actor, utd=2), k=3 * N))
+    learner = _learner("faster")
+    new, _ = learner.update(wide)
+    # Change only seeds N.. of every row (noise and chunk): with K = N they would never be read.
+    moved = {part: {k: v.at[:, :, N:].multiply(-1.0) for k, v in wide[part].items()} for part in ("cache", "next_cache")}
+    other, _ = learner.update(wide | moved)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new.noise_critic.params),
+                                                          jax.tree.leaves(other.noise_critic.params)))
+    assert diff > 0
+
+
+class _TableCritic:
+    """A stand-in target Q^a for hand-computed TD targets: member e values candidate c at T[e, c], where the
+    candidate is read off the chunk's first entry (the test's cached chunks are constant c)."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = jnp.asarray(table, jnp.float32)  # [E, C]
+
+    def __call__(self, params, inputs, chunks):  # chunks [B, M, H, A] or [B, H, A] -> [E, B, M] or [E, B]
+        return self.table[:, jnp.round(chunks[..., 0, 0]).astype(jnp.int32)]
+
+
+@pytest.mark.parametrize("backup", ["split", "min"])
+def test_td_backup_split_picks_with_one_member_and_values_with_the_other(backup):
+    # Two members, three candidates at s': T0 = [2, 1, 0], T1 = [2.5, 0, 3] (rule idql: Q^a picks among the N).
+    table = np.array([[2.0, 1.0, 0.0], [2.5, 0.0, 3.0]])
+    # split: member 0 picks candidate 0 and member 1 values it (2.5), or member 1 picks candidate 2 and member 0
+    # values it (0.0). min: min(T0, T1) = [2, 0, 0] picks candidate 0 and values it at 2.0 (with 2 members both
+    # random pairs are {0, 1}).
+    expected = {"split": {2.5, 0.0}, "min": {2.0}}[backup]
+    config = toy_learner_config(TASK, ToyRunConfig(rule="idql", num_candidates=3, members=2, hidden=8, utd=1,
+                                                   batch_size=2))
+    example = jnp.zeros((1, 4))
+    learner = Learner.create(dataclasses.replace(config, td_backup=backup),
+                             {"features": toy_features(example), "state": example}, seed=0)
+    learner = learner.replace(chunk_critic=learner.chunk_critic.replace(apply_fn=_TableCritic(table)))
+    chunks = jnp.broadcast_to(jnp.arange(3.0)[None, :, None, None], (2, 3, TASK.horizon, TASK.action_dim))
+    state = jnp.zeros((2, 4))
+    batch = {"next_inputs": {"features": toy_features(state), "state": state},
+             "next_cache": {"noise": jnp.zeros_like(chunks), "denoised": chunks},
+             "returns": jnp.zeros(2), "discount": jnp.ones(2)}
+    seen = {float(v) for seed in range(16) for v in np.asarray(learner.td_target(batch, jax.random.key(seed)))}
+    assert seen == expected  # over 16 keys the split backup drew both orders of the pair
+
+
+def test_alpha_entropy_edit_space_is_the_tanh_entropy_shifted_and_alpha_moves_the_other_way():
+    batch = jax.tree.map(jnp.asarray, _batch(FlowActor(TASK), utd=2))
+    # Broad edits (σ >= 1 before the tanh), so that the two spaces disagree on which side of the target they are.
+    policy = dataclasses.replace(_learner("faster").config.edit_policy, log_std_min=0.0)
+    infos = {space: _learner("faster", alpha_entropy=space, edit_policy=policy).update(batch)
+             for space in ("edit", "tanh")}
+    (edit, info_edit), (tanh, info_tanh) = infos["edit"], infos["tanh"]
+    cfg = edit.config.edit_policy
+    # The same edit sample (same keys, same α before the step): only the space α measures it in differs.
+    shift = cfg.flat_dim * np.log(cfg.beta)  # |A|·log β: −6.4 nats here (|A| = 2·2, β = 0.2)
+    assert float(info_edit["alpha_entropy"]) == pytest.approx(float(info_tanh["alpha_entropy"]) + shift, abs=1e-3)
+    # The edit's entropy is at most |A|·log 2β < −|A|/2 (β < 0.303): α rises. The broad edits' tanh entropy is
+    # above −|A|/2: α falls.
+    assert float(info_edit["alpha_entropy"]) <= cfg.flat_dim * np.log(2 * cfg.beta) < cfg.target_entropy
+    assert float(info_tanh["alpha_entropy"]) > cfg.target_entropy
+    alpha = lambda learner: float(jnp.exp(learner.temperature.params["params"]["log_alpha"]))  # noqa: E731
+    assert alpha(edit) > 1.0 > alpha(tanh)
+
+
+def test_learner_config_refuses_unknown_forms():
+    config = toy_learner_config(TASK, ToyRunConfig())
+    with pytest.raises(ValueError, match="td_backup must be 'split' or 'min', got 'max'"):
+        dataclasses.replace(config, td_backup="max")
+    with pytest.raises(ValueError, match="alpha_entropy must be 'edit' or 'tanh', got 'raw'"):
+        dataclasses.replace(config, alpha_entropy="raw")

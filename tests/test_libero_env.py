@@ -131,6 +131,8 @@ def test_reset_and_step_chunk_observations(env: LiberoEnv, actions: np.ndarray) 
     assert result.num_steps == CHUNK and env.steps == CHUNK
     assert result.rewards.shape == (CHUNK,) and result.rewards.dtype == np.float32
     assert not result.rewards.any() and not result.done and not result.truncated
+    timing = result.info.pop("timing_s")  # where the chunk's time went (the run's stage split)
+    assert set(timing) == {"physics", "rendering"} and timing["physics"] > 0 and timing["rendering"] > 0
     assert result.info == {"success": False, "truncated": False, "step": CHUNK}
     _assert_obs(result.obs, env.instruction)
     assert not np.array_equal(result.obs["observation/state"], obs["observation/state"]), "the robot did not move"

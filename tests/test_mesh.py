@@ -41,6 +41,26 @@ SCRIPT = textwrap.dedent('''
             np.testing.assert_allclose(y.actions, x.actions, rtol=0, atol=1e-4, err_msg=rule)
             assert x.seed_index == y.seed_index, rule
 
+    # Parameters split over the mesh (--shard-actor-params): the same chunks, each large array held in quarters.
+    from faster_vla.acting.mesh import param_spec
+    sharded = DataParallel(shard_params=True)
+    config = ta._config("faster")
+    learner = ta._learner(config)
+    keys = [jax.random.key(10 + i) for i in range(3)]
+    a = Agent(policy, config, parallel=one).act_batch(learner, raw, rngs=keys)
+    agent = Agent(policy, config, parallel=sharded)
+    b = agent.act_batch(learner, raw, rngs=keys)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y.actions, x.actions, rtol=0, atol=1e-4, err_msg="sharded params")
+    leaves = jax.tree.leaves(agent.actor.params)
+    split = [x for x in leaves if param_spec(x.shape, 4) != jax.sharding.PartitionSpec()]
+    assert split, "no parameter was large enough to split"
+    for x in split:
+        assert x.addressable_shards[0].data.size * 4 == x.size, x.shape
+    assert param_spec((3, 1 << 14), 4) == jax.sharding.PartitionSpec(None, "batch")
+    assert param_spec((5, 3), 4) == jax.sharding.PartitionSpec()  # small: replicated
+    assert param_spec((3, 1 << 14 | 1), 4) == jax.sharding.PartitionSpec()  # no axis divides
+
     learner = tl._learner("faster")
     batch = jax.tree.map(np.asarray, tl._batch(FlowActor(tl.TASK), utd=2))
     _, info_one = learner.update(batch)

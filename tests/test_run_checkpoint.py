@@ -409,3 +409,52 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
     assert resumed.rng_state == reference.rng_state
     assert {k: v for k, v in resumed.counters.items() if k != "wall_time"} == {
         k: v for k, v in reference.counters.items() if k != "wall_time"}
+
+
+_DELETION_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from faster_vla.rl.replay import ReplayBuffer
+from faster_vla.runs.checkpoint import RunCheckpointer
+from tests.test_run_checkpoint import CAPACITY, _config, _create, _fresh_counters
+
+directory = Path(sys.argv[1]).resolve()
+ckpt = RunCheckpointer(directory, keep_last=1, keep_best=0)
+learner, replay, rng, counters = _create(_config()), ReplayBuffer(CAPACITY), np.random.default_rng(7), _fresh_counters()
+ckpt.save(0, learner, replay, rng, counters)
+real = {"unlink": os.unlink, "rmdir": os.rmdir}
+
+def dies_after(name):
+    def remove(path, *args, dir_fd=None, **kwargs):
+        full = Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / path if dir_fd is not None else Path(path)
+        real[name](path, *args, dir_fd=dir_fd, **kwargs)
+        if full.resolve().is_relative_to(directory) and "replay" in full.parts:  # a part a restore reads
+            print(full.resolve().relative_to(directory), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return remove
+
+os.unlink, os.rmdir = dies_after("unlink"), dies_after("rmdir")
+counters["episodes"] = 1
+ckpt.save(1, learner, replay, rng, counters)  # keep_last=1: deletes checkpoint 0
+print("saved", flush=True)
+"""
+
+
+def test_sigkill_while_retention_deletes_an_old_checkpoint_leaves_no_corrupt_one(tmp_path):
+    # The soak (benchmarks/soak_kill.py) found it: a kill while a save's retention deleted an old checkpoint,
+    # file by file, left that folder half deleted and still listed as a checkpoint, which no longer restored.
+    # Deletion now first moves the folder out of the listing in one rename.
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _DELETION_CHILD, str(directory)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    removed = Path(proc.stdout.split()[0])
+    assert "0" in removed.parts  # it died deleting checkpoint 0's replay (not in the save of checkpoint 1)
+    with RunCheckpointer(directory, keep_last=1, keep_best=0) as ckpt:
+        template = _abstract(_config())
+        for episode in ckpt.episodes:  # every listed checkpoint restores
+            assert ckpt.restore(episode, template).episode == episode
+        assert ckpt.latest_episode == 1
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith("_")) == ["1"]  # trash emptied

@@ -240,3 +240,21 @@ def test_progress_bar_follows_env_steps_on_a_terminal_only(tmp_path, monkeypatch
         assert log._bar.n == 500  # a resumed run's bar starts where it stopped
     with _logger(tmp_path / "off", progress=False, total_env_steps=1000) as log:
         assert log._bar is None
+
+
+def test_a_run_started_before_a_field_existed_resumes_with_its_default(tmp_path):
+    """A config.json without a field added since (e.g. num_envs) resumes when the run keeps that field's
+    default; set to anything else, the difference is named as any other."""
+    from faster_vla.runs.config import TRAIN_CONFIGS
+
+    config = dataclasses.replace(TRAIN_CONFIGS["cpu_small_faster_expo"][1], run_dir=tmp_path)
+    with _logger(tmp_path, config) as log:
+        log.log({"env_steps": 1}, step=1)
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["num_envs"], old["env"]["render_mode"]  # as written before these fields existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"num_envs: \(absent\) -> 2"):
+        _logger(tmp_path, dataclasses.replace(config, num_envs=2), resume=True)
+    _logger(tmp_path, config, resume=True).close()
+    restored = json.loads((tmp_path / "config.json").read_text())
+    assert restored["num_envs"] == 1 and restored["env"]["render_mode"] == "chunk_boundary"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import errno
+import gc
 import http.client
+import io
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +33,7 @@ from faster_vla.launch import serve as serve_cli
 from faster_vla.launch.demo import libero_observation
 from faster_vla.launch.serve import ServeArgs, build_policy, check_args, warm_up
 from faster_vla.policies.policy import batch_bucket, batch_buckets
+from faster_vla.policies.validation import InvalidInputError
 from faster_vla.serving.server import BackgroundServer, packb, unpackb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +303,7 @@ def test_batched_inference_equals_one_at_a_time(policy):
     one_by_one = [twin.infer(obs)["actions"] for obs in observations]
     for out, expected in zip(policy.infer_batch(observations), one_by_one, strict=True):
         np.testing.assert_allclose(out["actions"], expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="one seed per observation"):
+    with pytest.raises(ValueError, match=r"noise: expected finite numbers of shape \[3, 10, 32\], found dtype float32 shape \[2, 10, 32\]"):
         policy.infer_batch(observations, noise=noises[:2])
 
 
@@ -477,6 +483,155 @@ def test_large_frames_both_ways(echo_server):
         WebsocketClientPolicy(echo_server.host, echo_server.port).infer({"explode": 1})
 
 
+# -- bad input over the wire: refused with the request id, the server serving on --------------------------------
+
+ISO_8601 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
+
+
+class NaNPolicy:
+    """A policy without an output guard of its own, answering NaN actions: the server must not send them."""
+
+    metadata = {"kind": "nan"}
+
+    def infer(self, obs: dict) -> dict:
+        return {"actions": np.full((2, 7), np.nan if obs.get("nan") else 0.0, np.float32)}
+
+
+def _refusal(url: str, frame: bytes | str) -> tuple[str, int]:
+    """Sends one raw frame on a fresh connection -> (the error text frame, the close code)."""
+    with websockets.sync.client.connect(url, compression=None, max_size=None) as ws:
+        ws.recv()  # metadata
+        ws.send(frame)
+        text = ws.recv()
+        with pytest.raises(websockets.ConnectionClosedError) as closed:
+            ws.recv()
+    assert isinstance(text, str), "an error must come back as a text frame"
+    return text, closed.value.rcvd.code
+
+
+class RefusingPolicy:
+    """Refuses every observation from the worker thread with an `InvalidInputError` (no model), batching too."""
+
+    metadata = {"kind": "refusing"}
+
+    def infer(self, obs: dict) -> dict:
+        raise InvalidInputError("observation/state", "8 finite numbers", "a test's refusal")
+
+    def infer_batch(self, observations: list[dict]) -> list[dict]:
+        raise InvalidInputError("observation/state", "8 finite numbers", "a test's refusal")
+
+
+def _live(kind: type) -> int:
+    """Live objects of exactly `kind` that the garbage collector tracks, without collecting anything first
+    (`type` rather than isinstance, which a dead weakref proxy among them would answer with ReferenceError)."""
+    return sum(type(o) is kind for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_refused_requests_leave_nothing_for_the_garbage_collector(max_batch):
+    """A refused request (undecodable, or refused by the policy on the worker thread) is freed by reference
+    counting as soon as its connection is handled: no exception, traceback or request is left in a reference
+    cycle. Such cycles once kept every refused frame (64 MiB ones included) until Python's rare full collection.
+    Checked with the collector off, counting live `_Request`s and `InvalidInputError`s after 20 refusals."""
+    gc.collect()
+    gc.disable()
+    try:
+        with BackgroundServer(RefusingPolicy(), max_batch=max_batch) as server:
+            before = (_live(serving._Request), _live(InvalidInputError))
+            for i in range(10):
+                blob = np.full(1 << 16, i, np.uint8)  # some data the message holds, as a real observation does
+                assert "refused: InvalidInputError" in _refusal(server.url, packb({"blob": blob}))[0]
+                assert "refused: ValueError" in _refusal(server.url, b"\xc1garbage")[0]
+            # The server closes first and its handler returns right after: wait for it, not for memory.
+            _wait_for(lambda: server.server.connections == 0, "the server's handlers to return")
+            assert (_live(serving._Request), _live(InvalidInputError)) == before
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (b"\xc1\xff\x00garbage", r"refused: ValueError: the frame is no msgpack observation .*\(10 bytes\)"),
+        (packb({"prompt": "go", "observation/state": np.zeros(8, np.float32)})[:-3],
+         "refused: ValueError: the frame is no msgpack observation"),
+        (b"\x91" * 100_000 + b"\xc0", "refused: ValueError: the frame is no msgpack observation .*StackError"),
+        (packb([1, 2, 3]), "an observation must be a msgpack map"),
+        ("a text frame", "expected a binary msgpack observation frame"),
+    ],
+    ids=["garbage", "truncated_msgpack", "nested_100k_deep", "not_a_map", "text_frame"],
+)
+def test_undecodable_frames_are_refused_with_a_request_id(echo_server, frame, message):
+    text, code = _refusal(echo_server.url, frame)
+    assert code == 1011
+    assert re.match(r"faster-vla policy server: request [0-9a-f]{8}-1 refused: ", text), text
+    assert re.search(message, text.splitlines()[0]), text
+    assert "Traceback" in text  # openpi's protocol: the traceback follows
+
+
+def test_bad_input_is_named_over_the_wire_and_logged_with_the_request_id(server, policy, caplog):
+    """NaN/short state, an empty prompt, NaN noise and a typo'd option reach openpi's client as errors naming the
+    field; the server's log line and the error frame share the request id; the server serves on."""
+    obs = libero_observation("put the bowl on the plate", seed=4)
+    cases = {
+        "observation/state: expected a 1-D array of 8 finite numbers, found 1 NaN":
+            {**obs, "observation/state": np.array([np.nan, 0, 0, 0, 0, 0, 0, 0], np.float32)},
+        r"observation/state: expected a 1-D array of 8 finite numbers, found dtype float32 shape \[3\]":
+            {**obs, "observation/state": np.zeros(3, np.float32)},
+        "prompt: expected a non-empty str, found ''": {**obs, "prompt": ""},
+        r"noise \(metadata 'noise_shape'\): expected finite numbers of shape \[10, 32\], found 320 NaN":
+            {**obs, "noise": np.full((10, 32), np.nan, np.float32)},
+        "num_candidate: .*did you mean 'num_candidates'": {**obs, "num_candidate": 4},
+        r"observation/image: expected float pixels in \[0, 1\].*found values in \[0, 255\]":
+            {**obs, "observation/image": obs["observation/image"].astype(np.float64)},
+    }
+    with caplog.at_level(logging.WARNING, logger="faster_vla.serving.server"):
+        for message, bad in cases.items():
+            with pytest.raises(RuntimeError, match=message):
+                WebsocketClientPolicy(server.host, server.port).infer(bad)
+            text, code = _refusal(server.url, packb(bad))
+            request_id = re.match(r"faster-vla policy server: request ([0-9a-f]{8}-1) refused: InvalidInputError", text)
+            assert request_id and code == 1011, text
+            logged = [r.getMessage() for r in caplog.records if request_id.group(1) in r.getMessage()]
+            assert len(logged) == 1 and re.search(message, logged[0]), (message, logged)
+    reply = WebsocketClientPolicy(server.host, server.port).infer(obs)
+    assert reply["actions"].shape == (10, 7) and np.isfinite(reply["actions"]).all()
+    assert re.fullmatch(r"[0-9a-f]{8}-1", reply["request_id"])
+
+
+def test_an_overlong_prompt_comes_back_with_a_warning(server):
+    client = WebsocketClientPolicy(server.host, server.port)
+    reply = client.infer(libero_observation("put the bowl on the plate " * 60, seed=1))
+    assert reply["actions"].shape == (10, 7)
+    assert len(reply["warnings"]) == 1 and "truncated to the first" in reply["warnings"][0]
+    assert "warnings" not in client.infer(libero_observation("put the bowl on the plate", seed=1))
+
+
+def test_the_server_never_sends_non_finite_actions():
+    with BackgroundServer(NaNPolicy()) as server:
+        client = WebsocketClientPolicy(server.host, server.port)
+        assert client.infer({})["actions"].shape == (2, 7)
+        with pytest.raises(RuntimeError, match=r"request [0-9a-f]{8}-1 failed: NonFiniteActionError: actions: expected "
+                                               r"finite values, found 14 NaN"):
+            WebsocketClientPolicy(server.host, server.port).infer({"nan": True})
+        assert client.infer({})["actions"].shape == (2, 7)  # the first client, still served
+
+
+def test_log_lines_carry_iso_8601_timestamps():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(serving.IsoFormatter(serving.LOG_FORMAT))
+    record = logging.LogRecord("faster_vla.serving.server", logging.WARNING, __file__, 1, "request %s refused",
+                               ("ab12cd34-3",), None)
+    record.created = 1_700_000_000.25
+    handler.emit(record)
+    line = stream.getvalue()
+    stamp = re.match(ISO_8601, line)
+    assert stamp and line[stamp.end():] == " WARNING faster_vla.serving.server: request ab12cd34-3 refused\n"
+    # The text is the record's instant, with its UTC offset.
+    assert datetime.datetime.fromisoformat(stamp.group()).timestamp() == pytest.approx(1_700_000_000.25, abs=1e-3)
+
+
 def test_healthz(server):
     assert _get(server.host, server.port, "/healthz") == (200, b"OK\n")
     serving.wait_until_healthy(server.host, server.port, timeout=5)
@@ -584,3 +739,5 @@ def test_cli_serves_until_stopped():
     assert proc.returncode == 0, log
     assert f"listening on ws://127.0.0.1:{port}" in log and "policy server stopped" in log
     assert "batch sizes [1, 2]" in log and "max batch 2" in log and "Traceback" not in log
+    listening = next(line for line in log.splitlines() if "listening on" in line)
+    assert re.match(ISO_8601 + " INFO faster_vla.serving.server: ", listening), listening

@@ -230,3 +230,44 @@ def test_option_flags_reach_the_learner_and_bad_values_fail_first(tmp_path):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(default.critics, **overrides)
     assert not (tmp_path / "never").exists()  # nothing was created
+
+
+def test_authors_forms_act_store_update_and_resume(tmp_path):
+    """The pi05_libero presets' forms on the CPU config: every-step windows, K = 16 cached seeds per row of which
+    each critic step draws 8, the split TD backup and α in edit space. Replay holds K seeds at every step's row,
+    the cache FLOPs count K denoisings, and a resume from episode 1 ends where the uninterrupted run did."""
+    from faster_vla.policies.flops import denoise_flops
+    from faster_vla.runs.loop import train
+
+    env = dataclasses.replace(TRAIN_CONFIGS["cpu_small_faster_expo"][1].env, max_steps=10, resolution=64,
+                              render_mode="every_step")
+    config = _run_config(tmp_path / "run", env=env, cache_seeds=16, td_backup="split", alpha_entropy="edit",
+                         window_starts="step")
+    records = _check_trained(config, train(config, **QUIET))
+    run = _restored(config)
+    assert run.stride == 1 and run.cache_spec.num_seeds == 16
+    assert (run.learner.config.td_backup, run.learner.config.alpha_entropy) == ("split", "edit")
+    windows = run.replay.all_windows(run.horizon, GAMMA, run.stride)
+    assert windows.cache["noise"].shape[1] == 16 and windows.cache["denoised"].shape[1] == 16
+    # Every step of the two 10-step episodes is a stored row (11 with the final observation), each caching
+    # K = 16 denoisings; the 10 rows per episode no decision was made at also cost a prefix. (With chunk windows
+    # only rows 0 and 10 would be stored.)
+    per_seed = config.num_steps * denoise_flops(run.policy.actor.config, num_candidates=1, num_steps=1)
+    assert records[-1]["flops/cache"] == pytest.approx(2 * (11 * 16 * per_seed + 10 * run._prefix_flops), rel=1e-9)
+    end = _leaves(run.learner)
+
+    _resume_from_episode_1(config)
+    resumed = _restored(config)
+    for a, b in zip(end, _leaves(resumed.learner), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _leaves(learner) -> list[np.ndarray]:
+    import jax
+
+    def host(x):
+        if isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return [host(x) for x in jax.tree.leaves(learner)]

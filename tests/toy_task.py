@@ -143,6 +143,10 @@ class ToyRunConfig:
     hidden: int = 64
     members: int = 10
     noise_target: str = "all"  # regress Q^dn on every cached seed (all K chunks are in the cache)
+    # The TD backup and α's entropy space the toy tests were calibrated with (EXPO's min backup, tanh-space α);
+    # the authors' forms, the learner's defaults, are tested on their own in test_learner.py.
+    td_backup: str = "min"
+    alpha_entropy: str = "tanh"
     seed: int = 0
 
 
@@ -163,6 +167,8 @@ def toy_learner_config(task: ToyTaskConfig, run: ToyRunConfig) -> LearnerConfig:
         utd=run.utd,
         batch_size=run.batch_size,
         noise_target=run.noise_target,
+        td_backup=run.td_backup,
+        alpha_entropy=run.alpha_entropy,
     )
 
 

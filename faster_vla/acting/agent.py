@@ -32,8 +32,9 @@ from faster_vla.critics.networks import ChunkCritic, NoiseCritic
 from faster_vla.rl.filtering import cached_steps, filter_and_denoise, pi05_advance
 from faster_vla.rl.learner import Inputs, Learner, LearnerConfig
 from faster_vla.policies.pi05 import Observation, Prefix
-from faster_vla.policies.policy import Policy
+from faster_vla.policies.policy import Policy, pad_rows
 from faster_vla.policies.transforms import LIBERO_ACTION_DIM
+from faster_vla.policies.validation import check_actions, check_noise
 from faster_vla.acting.frozen_cache import cache_from_prefix, frozen_actor_cache
 from faster_vla.acting.mesh import DataParallel
 from faster_vla.rl.selection import SelectionConfig, select
@@ -109,6 +110,7 @@ class Decision:
     flops: DecisionFlops  # FLOPs per part (analytic actor + XLA-counted critics)
     cache: Mapping[str, jax.Array] | None = None  # the batch's frozen-actor cache rows [size, ...] (cache_noise)
     row: int = 0  # this decision's row of `cache`
+    warnings: tuple[str, ...] = ()  # what the policy changed in this observation (a truncated prompt)
 
     def cache_row(self) -> dict[str, np.ndarray] | None:
         """This observation's frozen-actor cache row (waits for it; None unless `cache_noise` was given)."""
@@ -241,7 +243,7 @@ class Agent:
         if b == 0 or size < b:
             raise ValueError(f"act_batch needs 1 <= observations <= batch_size, got {b} and batch_size={batch_size}")
         size = self.parallel.padded(size)  # the batch axis splits evenly over the devices
-        self.actor.params = self.parallel.replicate(self.actor.params)  # a no-op once they are
+        self.actor.params = self.parallel.place_params(self.actor.params)  # a no-op once they are
         learner = None if learner is None else self.parallel.replicate(learner)
         if rngs is None:
             rngs = []
@@ -265,19 +267,19 @@ class Agent:
                 return out
             return run
 
+        shape = (selection.num_candidates, actor_config.action_horizon, actor_config.action_dim)
+        if noise is not None:  # checked (shape, finite) before any compute
+            noise = check_noise(noise, (b, *shape))
         start = time.perf_counter()
-        observation = self.parallel.shard(self.observations([observations[r] for r in rows]))
+        prepared = self.policy.prepare(observations)  # every row checked (`validation`), then transformed
+        observation = self.parallel.shard(prepared.observation if size == b else pad_rows(prepared.observation, size))
         timing["input_transform"] += 1e3 * (time.perf_counter() - start)
         prefix: Prefix = timed("encode", self.actor.encode)(observation)
         inputs = None if learner is None else critic_inputs(cfg.chunk_critic.encoder, observation, prefix.features)
-        shape = (selection.num_candidates, actor_config.action_horizon, actor_config.action_dim)
         if noise is None:
             pool = jax.vmap(lambda k: jax.random.normal(k, shape))(k_noise)  # [size, N, H, A_model]
         else:
-            pool = jnp.asarray(noise, jnp.float32)
-            if pool.shape != (b, *shape):
-                raise ValueError(f"noise must be [{', '.join(map(str, (b, *shape)))}], got {list(pool.shape)}")
-            pool = pool[rows]
+            pool = jnp.asarray(noise)[rows]
         pool = self.parallel.shard(pool)
 
         def denoise(idx: jax.Array) -> jax.Array:  # [size, M] -> robot dims [size, M, H, A]
@@ -311,6 +313,7 @@ class Agent:
             padded = np.zeros((actor_config.action_horizon, actor_config.action_dim), np.float32)
             padded[:, : self.action_dim] = normalized[i]
             out = self.policy.output_transform({"state": states[i], "actions": padded})
+            check_actions(out["actions"], f"observation {i}" if b > 1 else "the observation")  # never to a robot
             robot_actions.append(np.asarray(out["actions"]))
         timing["output_transform"] += 1e3 * (time.perf_counter() - start)
         timing["total"] = sum(timing.values())
@@ -327,7 +330,8 @@ class Agent:
         scores = None if chosen.noise_scores is None else np.asarray(chosen.noise_scores)
         return [Decision(actions=robot_actions[i], normalized=normalized[i], seed_index=int(seed_index[i]),
                          edited=bool(edited[i]), noise_scores=None if scores is None else scores[i],
-                         timing_ms=dict(timing), flops=flops, cache=cache, row=i) for i in range(b)]
+                         timing_ms=dict(timing), flops=flops, cache=cache, row=i,
+                         warnings=tuple(prepared.warnings[i])) for i in range(b)]
 
     # -- what replay rows need from the actor --------------------------------------------------------------
 
@@ -343,7 +347,7 @@ class Agent:
         """
         steps = self.cached_steps
         batch_size = self.parallel.padded(batch_size)
-        self.actor.params = self.parallel.replicate(self.actor.params)
+        self.actor.params = self.parallel.place_params(self.actor.params)
         b = int(np.asarray(observation.state).shape[0])
         parts = []
         for start in range(0, b, batch_size):

@@ -51,6 +51,7 @@ import io
 import logging
 import math
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -303,9 +304,10 @@ class _GatedCamera:
     context (wrong or blank images).
     """
 
-    def __init__(self, sensor: Any, counter: list[int], sim: Any) -> None:
+    def __init__(self, sensor: Any, counter: list[int], sim: Any, render_s: list[float]) -> None:
         self._sensor = sensor
         self._counter = counter
+        self._render_s = render_s  # [seconds]: accumulated rendering time, shared by the env's cameras
         self._sim = sim
         self.__modality__ = sensor.__modality__  # robosuite reads the sensor's modality from this attribute
         self.on = True
@@ -313,11 +315,13 @@ class _GatedCamera:
 
     def __call__(self, obs_cache: dict[str, Any]) -> Any:
         if self.on or self._last is None:
+            start = time.perf_counter()
             context = self._sim._render_context_offscreen
             if context is not None:
                 context.gl_ctx.make_current()
             self._last = self._sensor(obs_cache)
             self._counter[0] += 1
+            self._render_s[0] += time.perf_counter() - start
         return self._last
 
 
@@ -380,6 +384,7 @@ class LiberoEnv:
         self._finalizer = weakref.finalize(self, _close_raw_env, self._env)
         atexit.register(self._finalizer)
         self._render_counter = [0]
+        self._render_s = [0.0]  # seconds spent rendering cameras and preparing their images (flip, resize)
         self._cameras: list[_GatedCamera] = []
         self._gate_cameras()
         self._render_counter[0] = 0
@@ -482,6 +487,7 @@ class LiberoEnv:
             raise ValueError("actions contain NaN or inf")
         if self._episode_over:
             raise RuntimeError("the episode is over (done, truncated or never started); call reset(init_state_index)")
+        start, rendered_before = time.perf_counter(), self._render_s[0]
         every = self.config.render_mode == "every_step"
         never = self.config.render_mode == "none"
         num_planned = min(actions.shape[0], self.max_steps - self._steps)
@@ -510,8 +516,14 @@ class LiberoEnv:
         info = {"success": bool(done), "truncated": truncated, "step": self._steps}
         if every:  # what sliding windows starting at every step need (faster_vla.libero.rollout, record='step')
             info["observations"] = step_observations
-            return ChunkResult(step_observations[-1], rewards[:executed], executed, bool(done), truncated, info)
-        return ChunkResult(self._observation(raw), rewards[:executed], executed, bool(done), truncated, info)
+            obs = step_observations[-1]
+        else:
+            obs = self._observation(raw)
+        # Where the chunk's time went: rendering (cameras + image preparation) and the rest, the physics and
+        # controller (robosuite's step); for the run's time split (faster_vla.libero.rollout.StageTimes).
+        total, rendering = time.perf_counter() - start, self._render_s[0] - rendered_before
+        info["timing_s"] = {"physics": max(total - rendering, 0.0), "rendering": rendering}
+        return ChunkResult(obs, rewards[:executed], executed, bool(done), truncated, info)
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -523,7 +535,8 @@ class LiberoEnv:
         """Wraps the current sim's camera sensors in `_GatedCamera`s (at creation and after each hard reset)."""
         self._cameras = []
         for name in CAMERA_OBSERVABLES:
-            gated = _GatedCamera(self._env.env._observables[name]._sensor, self._render_counter, self._env.sim)
+            gated = _GatedCamera(self._env.env._observables[name]._sensor, self._render_counter, self._env.sim,
+                                 self._render_s)
             self._env.env.modify_observable(observable_name=name, attribute="sensor", modifier=gated)
             self._cameras.append(gated)
 
@@ -577,9 +590,11 @@ class LiberoEnv:
         if not (self.config.render_mode != "none" if images is None else images):
             return {LIBERO_STATE_KEY: state, PROMPT_KEY: self.task.instruction}
         # [2, res, res, 3]: rendered upside down and mirrored; openpi rotates both by 180° (both axes flipped).
+        start = time.perf_counter()
         images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
         size = self.config.image_size
         images = np.ascontiguousarray(self._resize(images, size, size))  # [2, size, size, 3] uint8
+        self._render_s[0] += time.perf_counter() - start
         return {
             LIBERO_IMAGE_KEY: images[0],
             LIBERO_WRIST_IMAGE_KEY: images[1],

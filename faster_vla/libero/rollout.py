@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -105,6 +106,41 @@ def open_envs(config: LiberoEnvConfig, num_workers: int, envs: EnvsConfig | None
         return RayEnvPool(libero_env_factories(config, num_workers), address=envs.ray_address,
                           cpus_per_worker=envs.cpus_per_worker, local_workers=local_ray_workers)
     return LiberoEnv(config) if num_workers == 1 else make_libero_pool(config, num_workers)
+
+
+@dataclasses.dataclass
+class StageTimes:
+    """Where the wall time of episodes went, accumulated over `run_episodes` calls (seconds).
+
+    Each round (one batched decision, then every live episode steps its chunk) splits into `acting` (the
+    batched decision, up to its chunks on the host; the frozen-actor cache it dispatches runs during the env
+    step), and the env step's wall time, itself split along its critical path (the slowest worker's
+    `physics` and `rendering`, as its env measured them) and `transport` (the rest: pickling, pipes or Ray,
+    waiting for the slowest worker; ~0 for the in-process env). `reset` is the episodes' starts (init
+    state and wait steps), on the critical path too. `physics_cpu` and `rendering_cpu` sum every worker's own
+    time: the env work a machine with a core per worker runs in parallel.
+    """
+
+    acting: float = 0.0
+    physics: float = 0.0
+    rendering: float = 0.0
+    transport: float = 0.0
+    reset: float = 0.0
+    physics_cpu: float = 0.0
+    rendering_cpu: float = 0.0
+    rounds: int = 0
+
+    def add_env(self, wall_s: float, results: Sequence[Any]) -> None:
+        """One env call (`step_chunk` on one env or a pool) of `wall_s`; `results` its ChunkResults (None: a
+        worker skipped or lost)."""
+        parts = [r.info.get("timing_s", {}) for r in results if r is not None]
+        slowest = max(parts, key=lambda p: p.get("physics", 0.0) + p.get("rendering", 0.0), default={})
+        critical = slowest.get("physics", 0.0) + slowest.get("rendering", 0.0)
+        self.physics += slowest.get("physics", 0.0)
+        self.rendering += slowest.get("rendering", 0.0)
+        self.transport += max(wall_s - critical, 0.0)
+        self.physics_cpu += sum(p.get("physics", 0.0) for p in parts)
+        self.rendering_cpu += sum(p.get("rendering", 0.0) for p in parts)
 
 
 class WorkerFailuresExceededError(RuntimeError):
@@ -210,7 +246,7 @@ class _Live:
 def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConfig, env: LiberoEnv | EnvWorkers,
                  episodes: Sequence[tuple[int, jax.Array]], *, record: Record = "none",
                  cache_seeds: int = 0, recovery: WorkerRecovery | None = None,
-                 protocol: EvalProtocol = PROTOCOLS["chunk"]) -> list[Trajectory]:
+                 protocol: EvalProtocol = PROTOCOLS["chunk"], times: StageTimes | None = None) -> list[Trajectory]:
     """One episode per (init state, key), returned in that order; in `env` one after another, or in lockstep
     over a pool. Episode i's decisions use keys split from its own key, whichever way it runs. `learner` may be
     None for the base rule, which calls no critic.
@@ -224,6 +260,7 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
 
     `protocol` sets what the env executes of each decided chunk (`EvalProtocol.executed`: the whole chunk, or
     openpi's first 5 actions); the env itself must already be the protocol's (`EvalProtocol.env_config`).
+    `times` accumulates where the wall time went (acting, physics, rendering, transport, resets).
     """
     if record not in ("none", "chunk", "step"):
         raise ValueError(f"record must be 'none', 'chunk' or 'step', got {record!r}")
@@ -231,25 +268,34 @@ def run_episodes(agent: Agent, learner: Learner | None, selection: SelectionConf
         raise ValueError(f"cache_seeds must be >= 0, got {cache_seeds}")
     episodes = [(int(i), k) for i, k in episodes]
     shape = (cache_seeds, agent.actor.config.action_horizon, agent.actor.config.action_dim) if cache_seeds else (0, 0, 0)
+    times = StageTimes() if times is None else times
     if isinstance(env, EnvWorkers):
-        return _run_lockstep(agent, learner, selection, env, episodes, record, shape, recovery, protocol)
+        return _run_lockstep(agent, learner, selection, env, episodes, record, shape, recovery, protocol, times)
     out = []
     for position, (init_state, key) in enumerate(episodes):
         live = _Live(position, init_state, key, record)
+        start = time.perf_counter()
         live.start(env.reset(init_state))
+        times.reset += time.perf_counter() - start
         over = False
         while not over:
             noise = live.cache_noise(shape)[None] if cache_seeds else None
+            start = time.perf_counter()
             decision = agent.act_batch(learner, [live.obs], selection=selection, rngs=[live.next_key()],
                                        cache_noise=noise)[0]
-            over = live.advance(decision, env.step_chunk(protocol.executed(decision.actions)))
+            stepped = time.perf_counter()
+            result = env.step_chunk(protocol.executed(decision.actions))
+            times.acting += stepped - start
+            times.add_env(time.perf_counter() - stepped, [result])
+            times.rounds += 1
+            over = live.advance(decision, result)
         out.append(live.trajectory)
     return out
 
 
 def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionConfig, pool: EnvWorkers,
                   episodes: list[tuple[int, jax.Array]], record: Record, cache_shape: tuple[int, int, int],
-                  recovery: WorkerRecovery | None, protocol: EvalProtocol) -> list[Trajectory]:
+                  recovery: WorkerRecovery | None, protocol: EvalProtocol, times: StageTimes) -> list[Trajectory]:
     """Every worker runs one episode at a time; each round the agent acts once on all live episodes."""
     workers = pool.num_workers
     queue = collections.deque(enumerate(episodes))
@@ -279,7 +325,10 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
                     position, (init_state, key) = queue.popleft()
                     live[w] = _Live(position, init_state, key, record)
                     starts[w] = init_state
-            for w, obs in enumerate(answers(pool.reset, starts)):
+            start = time.perf_counter()
+            observations = answers(pool.reset, starts)
+            times.reset += time.perf_counter() - start
+            for w, obs in enumerate(observations):
                 if obs is not None:
                     live[w].start(obs)
 
@@ -290,13 +339,19 @@ def _run_lockstep(agent: Agent, learner: Learner | None, selection: SelectionCon
             rngs = [live[w].next_key() for w in order]
             # Padded to the pool's size: one compiled batch shape however many episodes are still running.
             noise = np.stack([live[w].cache_noise(cache_shape) for w in order]) if cache_shape[0] else None
+            start = time.perf_counter()
             decisions = agent.act_batch(learner, [live[w].obs for w in order], selection=selection, rngs=rngs,
                                         batch_size=workers, cache_noise=noise)
             actions: list[Any] = [None] * workers
             by_worker = dict(zip(order, decisions))
             for w, decision in by_worker.items():
                 actions[w] = protocol.executed(decision.actions)
-            for w, result in enumerate(answers(pool.step_chunk, actions)):
+            stepped = time.perf_counter()
+            chunk_results = answers(pool.step_chunk, actions)
+            times.acting += stepped - start
+            times.add_env(time.perf_counter() - stepped, chunk_results)
+            times.rounds += 1
+            for w, result in enumerate(chunk_results):
                 if result is None:
                     continue
                 if live[w].advance(by_worker[w], result):

@@ -2,14 +2,22 @@
 
 One update = `utd` critic steps, each on its own minibatch of sliding-window chunks, then one edit-policy
 step and one α step (EXPO's schedule). Each critic step trains
-- Q^a by chunked TD: y = R + γ^h·mask·min2 Q̄^a(s', a'), a' chosen at s' by the SAME selection rule the
-  agent acts with (FASTER: Q̄^dn picks a seed, its cached chunk is edited, Q̄^a keeps base or edit);
+- Q^a by chunked TD: y = R + γ^h·mask·Q̄^a(s', a'), a' chosen at s' by the SAME selection rule the
+  agent acts with (FASTER: Q̄^dn picks a seed, its cached chunk is edited, Q̄^a keeps base or edit); with
+  `td_backup="split"` (the FASTER authors') one random target pair (i, j) serves both: Q̄_i picks a', Q̄_j
+  values it; with "min" (EXPO's) a' is picked by the min of one random pair and valued by the min of another;
 - Q^dn by regression onto sg[min2 Q̄^a(s, π(s, ε_i*))], the unedited chunk of the kept seed (paper
   Algorithm 1), or of every cached seed (`noise_target="all"`);
 - or, with a `filter_schedule` (the general filtering MDP of §4.1–4.2), a step-conditioned Q^dn(s, x_t, t) by
   eq. 1's TD over the filter's stages, replayed from the cached x_t of every seed at the filter steps.
 Both targets read the actor's chunks from the frozen-actor cache of the replay (`cache`/`next_cache`), so
-an update never runs the VLA and costs the same whatever the actor's size.
+an update never runs the VLA and costs the same whatever the actor's size. When the cache holds K > N seeds
+per row, every critic step first draws N of them per row, afresh (`draw_pools`), so Q^dn keeps meeting new
+(state, noise) pairs as the authors' fresh noises at every critic step do (paper Algorithm 1, line 1); with
+K = N every update sees each row's same N seeds.
+
+After the critic steps, one edit-policy step and one α step; α's entropy is measured in edit space
+(`alpha_entropy="edit"`, the FASTER/EXPO authors' default) or in tanh space ("tanh") against −|A|/2.
 
 Action spaces: the actor emits chunks [H, A_model] in its normalised space (π0.5: A_model = 32); the critics,
 the edit policy and the replay work on the robot's first A dims of that space ([H, A], LIBERO: 7). Q^dn
@@ -26,6 +34,7 @@ from typing import Any, Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
@@ -44,6 +53,7 @@ from faster_vla.critics.networks import (
     NoiseCriticConfig,
     min_of_random_pair,
     polyak,
+    random_member_pair,
 )
 from faster_vla.rl.filtering import (
     AdvanceFn,
@@ -84,6 +94,17 @@ class LearnerConfig:
     a time-conditioned noise critic and the x_t of `cached_steps(schedule)` in the replay cache."""
     filter_gamma: float = 1.0
     """γ of eq. 1 per Euler step between filter stages (< 1 discounts later stages' values)."""
+    td_backup: Literal["split", "min"] = "split"
+    """How the target ensemble picks and values the TD target's a' where Q^a picks it (rules faster,
+    best_of_n, idql). split: one random target pair (i, j), Q̄_i picks and Q̄_j values (the FASTER authors'
+    `_outer_backup_q_scores`; one pessimistic step). min: picked by the min of one random pair, valued by the
+    min of an independent pair (EXPO's; pessimistic twice, so lower targets). Rules where Q^a picks nothing
+    (faster_idql, base) value a' by the min of a random pair either way."""
+    alpha_entropy: Literal["edit", "tanh"] = "edit"
+    """Where α's entropy is measured against the target −|A|/2. edit: the edit β·y's, −E[log π − |A|·log β]
+    (the FASTER and EXPO authors' default; for β < e^{-1/2}/2 ≈ 0.303 the target is above any entropy the edit
+    can reach, |A|·log 2β, so α rises at every update). tanh: the tanh sample y's, −E[log π] (|A|·log(1/β)
+    higher, reachable; α decays once the edits are broad). The forms differ; they are not one target."""
 
     def __post_init__(self) -> None:
         if self.chunk_critic.chunk_shape != self.edit_policy.chunk_shape:
@@ -113,6 +134,10 @@ class LearnerConfig:
                                  "noise_target='all' does not apply (use 'kept')")
         if not 0.0 < self.filter_gamma <= 1.0:
             raise ValueError(f"filter_gamma must be in (0, 1], got {self.filter_gamma}")
+        if self.td_backup not in ("split", "min"):
+            raise ValueError(f"td_backup must be 'split' or 'min', got {self.td_backup!r}")
+        if self.alpha_entropy not in ("edit", "tanh"):
+            raise ValueError(f"alpha_entropy must be 'edit' or 'tanh', got {self.alpha_entropy!r}")
 
     @property
     def horizon(self) -> int:
@@ -126,6 +151,32 @@ class LearnerConfig:
 def _robot(chunks: jax.Array, action_dim: int) -> jax.Array:
     """Model-space chunks [..., H, A_model] -> the robot's dims [..., H, A] that critics and edits see."""
     return chunks[..., :action_dim]
+
+
+POOL_STREAM = 0x9001
+"""`draw_pools` keys come from `fold_in(critic step key, POOL_STREAM)`: the step's other draws are unchanged."""
+
+
+def draw_pools(rng: jax.Array, cache: dict, n: int) -> dict:
+    """A replay cache with K seeds per row -> the same fields with n of them per row, drawn without replacement.
+
+    cache: {'noise' [B, K, H, A_model], 'denoised' [B, K, H, A_model], 'x_t'? [B, K, S, H, A_model]}; every
+    field is gathered with the same indices [B, n], so a seed keeps its own chunk and x_t. Each row draws its own
+    subset from `rng`. With K == n the cache is returned as it is (every seed, in stored order).
+    """
+    k = cache["noise"].shape[1]
+    if k < n:
+        raise ValueError(f"the replay cache holds {k} seeds per row but selection.num_candidates is {n}: cache at "
+                         f"least N seeds per row (FrozenActorCacheSpec.num_seeds, --cache-seeds >= {n})")
+    if k == n:
+        return cache
+    b = cache["noise"].shape[0]
+    idx = jnp.argsort(jax.random.uniform(rng, (b, k)), axis=1)[:, :n]  # [B, n]: a random n-subset per row
+
+    def take(x: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    return {name: take(x) for name, x in cache.items()}
 
 
 def _tile(inputs: Inputs, m: int) -> Inputs:
@@ -265,7 +316,10 @@ class Learner(flax.struct.PyTreeNode):
     def td_target(
         self, batch: dict, rng: jax.Array, next_denoise: Callable[[jax.Array], jax.Array] | None = None
     ) -> jax.Array:
-        """Chunked TD target y [B] = R + γ^h·mask·min2 Q̄^a(s', a'), a' by the acting rule at s'.
+        """Chunked TD target y [B] = R + γ^h·mask·Q̄^a(s', a'), a' by the acting rule at s' (`td_backup`: which
+        target members pick a' and which value it).
+
+        `batch["next_cache"]` holds the pool of N seeds per row (`update` draws it from a larger cache first).
 
         `next_denoise(idx [B, M]) -> model-space chunks [B, M, H, A_model]` gives the actor's chunks for seeds of
         `batch["next_cache"]["noise"]`; by default they are looked up in `batch["next_cache"]["denoised"]`
@@ -283,12 +337,29 @@ class Learner(flax.struct.PyTreeNode):
         if cfg.filter_schedule is not None:
             fns["filter_denoise"] = self.filter_denoise_fn(fns.pop("score_noise"),
                                                          lookup=self._cache_lookup(batch["next_cache"]))
-        next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot, **fns).action
-        next_q = min_of_random_pair(self.chunk_critic.apply_fn(self.chunk_target, next_inputs, next_action), k_target)
+        target_q = lambda chunks: self.chunk_critic.apply_fn(self.chunk_target, next_inputs, chunks)  # noqa: E731
+        if cfg.td_backup == "split" and cfg.selection.uses_chunk_critic:
+            # The authors' form: one random pair of target members, the first picks a', the second values it.
+            pick, value = random_member_pair(k_target, cfg.chunk_critic.num_members)
+            fns["q_chunk"] = lambda chunks: target_q(chunks)[pick]  # [B, M, H, A] -> [B, M]
+            next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot, **fns).action
+            next_q = target_q(next_action)[value]
+        else:  # EXPO's: picked by the min of one random pair (critic_fns), valued by the min of another
+            next_action = select(cfg.selection, k_sel, batch["next_cache"]["noise"], denoise=robot, **fns).action
+            next_q = min_of_random_pair(target_q(next_action), k_target)
         return batch["returns"] + batch["discount"] * next_q
+
+    def draw_pools(self, batch: dict, rng: jax.Array) -> dict:
+        """A minibatch whose cache and next_cache hold K seeds per row -> N = selection.num_candidates per row,
+        drawn afresh for s and s' (`draw_pools`); unchanged when K = N."""
+        n = self.config.selection.num_candidates
+        k_now, k_next = jax.random.split(rng)
+        return batch | {"cache": draw_pools(k_now, batch["cache"], n),
+                        "next_cache": draw_pools(k_next, batch["next_cache"], n)}
 
     def _critic_step(self, batch: dict, rng: jax.Array, next_denoiser: NextDenoiser | None) -> tuple[Learner, dict]:
         cfg = self.config
+        batch = self.draw_pools(batch, jax.random.fold_in(rng, POOL_STREAM))
         k_td, k_dn = jax.random.split(rng)
         inputs = batch["inputs"]
         a = cfg.action_dim
@@ -377,12 +448,15 @@ class Learner(flax.struct.PyTreeNode):
         edit_policy = self.edit_policy.apply_gradients(grads=grads)
         log_prob = info.pop("log_prob")
 
+        if cfg.alpha_entropy == "edit":  # the log-density of the edit β·y, as the authors tune α on
+            log_prob = log_prob - cfg.edit_policy.flat_dim * np.log(cfg.edit_policy.beta)
+
         def t_loss(params: Params) -> jax.Array:
             return temperature_loss(params["params"]["log_alpha"], log_prob, cfg.edit_policy.target_entropy)
 
         loss_t, grads = jax.value_and_grad(t_loss)(self.temperature.params)
         temperature = self.temperature.apply_gradients(grads=grads)
-        info.update(temperature_loss=loss_t, alpha=alpha)
+        info.update(temperature_loss=loss_t, alpha=alpha, alpha_entropy=-jnp.mean(log_prob))
         return self.replace(edit_policy=edit_policy, temperature=temperature), info
 
     def update_flops(self, batch: dict, next_denoiser: NextDenoiser | None = None) -> int:
@@ -395,8 +469,9 @@ class Learner(flax.struct.PyTreeNode):
         """One update on `utd` minibatches stacked on axis 0 (every leaf [utd, B, ...]).
 
         `batch` keys: inputs, next_inputs (critic inputs at s_t and s_{t+h}), actions [B, h·A] (normalised
-        robot dims), returns [B], discount [B] (γ^h·mask), cache and next_cache ({'noise', 'denoised'}).
-        With the cache, that is all: no actor call. `next_denoiser(minibatch) -> (idx -> chunks)` instead
+        robot dims), returns [B], discount [B] (γ^h·mask), cache and next_cache ({'noise', 'denoised'}, K >= N
+        seeds per row; each critic step draws N of them per row from the learner's key, so a resumed learner
+        draws the same). With the cache, that is all: no actor call. `next_denoiser(minibatch) -> (idx -> chunks)` instead
         runs an actor at s_{t+h} (for a trainable actor, or to measure what the cache saves); it must be
         hashable (a module-level function or a frozen object), and `next_cache["denoised"]` is then unused.
         """

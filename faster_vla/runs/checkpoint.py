@@ -16,8 +16,11 @@ items:
 
 Atomicity: orbax writes a step into `<episode>.orbax-checkpoint-tmp/` and renames it to `<episode>/` only
 after every item is complete; unfinished folders are never listed as steps and are deleted when the next
-`RunCheckpointer` opens the folder. So a run killed at any moment (tested with SIGKILL, including in the
-middle of a save) restores the last complete checkpoint. That covers a killed process; orbax's commit is a
+`RunCheckpointer` opens the folder. Retention deletes an old checkpoint by first renaming it into
+`<directory>/.deleted/` (one rename takes it out of the listing) and only then removing its files, so a kill in
+the middle of a deletion never leaves a half-deleted folder listed as a checkpoint; the trash is emptied after
+each save and when a checkpointer opens the folder. So a run killed at any moment (tested with SIGKILL,
+including in the middle of a save and of a deletion) restores the last complete checkpoint. That covers a killed process; orbax's commit is a
 rename with no fsync of its own (only the replay file is fsynced), so a power cut right after a save may
 lose what the OS had not flushed yet.
 
@@ -36,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,6 +65,7 @@ STATE_ITEM = "state"
 ACTOR_ITEM = "actor"
 SUCCESS_ITEM = "successes"
 REPLAY_FILE = "replay.npz"
+TRASH_DIR = ".deleted"  # where retention moves a checkpoint before removing its files (not a step name)
 SUCCESS_FILE = "successes.npz"
 EVAL_METRIC = "eval_success"
 
@@ -166,6 +171,7 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,
             cleanup_tmp_directories=True,  # removes the unfinished step folders of a killed run
+            todelete_subdir=TRASH_DIR,  # retention renames a step out of the listing; _empty_trash removes it
             best_fn=_rank,
             best_mode="max",
             preservation_policy=_KeepLatestAndBest(keep_last, keep_best),
@@ -174,6 +180,7 @@ class RunCheckpointer:
         handlers = {LEARNER_ITEM: ocp.StandardCheckpointHandler(), REPLAY_ITEM: FileItemHandler(),
                     STATE_ITEM: ocp.JsonCheckpointHandler(), ACTOR_ITEM: ocp.StandardCheckpointHandler(),
                     SUCCESS_ITEM: FileItemHandler()}
+        self._empty_trash()  # what a killed run was deleting
         self._manager = checkpoint_manager(self.directory, options, item_handlers=handlers)
 
     # -- introspection --------------------------------------------------------------------------------------
@@ -265,7 +272,12 @@ class RunCheckpointer:
         with quiet_orbax():
             self._manager.save(episode, args=args, metrics=metrics, force=True)
             self._manager.wait_until_finished()
+        self._empty_trash()
         return self.path(episode)
+
+    def _empty_trash(self) -> None:
+        """Removes the checkpoints retention moved out of the listing (a kill may leave some half removed)."""
+        shutil.rmtree(self.directory / TRASH_DIR, ignore_errors=True)
 
     # -- restore --------------------------------------------------------------------------------------------
 

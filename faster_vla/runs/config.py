@@ -103,11 +103,30 @@ class TrainConfig:
     """Survivors m_1 > … > m_J = 1 after each of `filter_steps` (same length)."""
     window_starts: Literal["chunk", "step"] = "chunk"
     """Where replay windows may start: at chunk boundaries (observed when rendering chunk_boundary), or at
-    every step (the paper's all-sliding-windows; needs env.render_mode=every_step and caches every step)."""
+    every step (the paper's all-sliding-windows, appendix B, and the pi05_libero presets'; needs
+    env.render_mode=every_step and caches every step: the rows no decision was made at cost a prefix too)."""
+    cache_seeds: int = 32
+    """K: noises cached per replay row, with their denoised chunks (the frozen-actor cache). Each critic step
+    draws N = selection.num_candidates of them per row afresh, for Q^dn's regression and the TD target's a',
+    so Q^dn keeps meeting new (state, noise) pairs, as the authors' fresh noises at every critic step do
+    (Algorithm 1, line 1). K = N freezes each row's pool: every update sees the same N seeds (the cpu_small
+    presets, for their committed results). Costs K denoisings per row and ≈ K·H·A_model·8 bytes per row."""
+    td_backup: Literal["split", "min"] = "split"
+    """Which target critics pick the TD target's a' and which value it: split (the FASTER authors': one random
+    pair, one member picks, the other values) or min (EXPO's: picked by the min of one random pair, valued by
+    the min of another, pessimistic twice). pi05_libero_expo uses min, the cpu_small presets min."""
+    alpha_entropy: Literal["edit", "tanh"] = "edit"
+    """Where the edit policy's α measures entropy against −|A|/2: edit (the authors' default: the edit β·y's
+    entropy, which at β = 0.2 never reaches the target, so α rises slowly) or tanh (the tanh sample's: α
+    decays once the edits are broad; the cpu_small presets, for their committed results)."""
     replay_capacity: int = 100_000
     """Replay size in env steps (whole episodes are evicted, oldest first)."""
     cache_batch: int = 16
     """Observations per actor call when caching an episode."""
+    cache_from_acting: bool = True
+    """Compute the frozen-actor cache of each row a decision was made at from the prefix that decision encoded
+    (no observation is encoded twice). False encodes every stored observation again after its episode (the
+    cache is the same up to float rounding; for measuring what the shared encode saves)."""
     eval_every: int = 10
     """Evaluate every this many episodes (0: never); also at the end."""
     eval_episodes: int = 10
@@ -124,6 +143,10 @@ class TrainConfig:
     `updates_per_episode` updates after each episode, but the episodes of a round act with the learner of its
     start (rounds never straddle a checkpoint or an evaluation). Each worker needs ~2 GB of RAM and, on CPU,
     about a core (rendering dominates a step)."""
+    shard_actor_params: bool = False
+    """With several local accelerators, split the actor's parameters over them (each array along its largest
+    evenly dividing axis) instead of copying the whole actor to each: for an actor that does not fit one device.
+    Decisions stay data-parallel over the same devices; one device: no effect."""
     envs: EnvsConfig = EnvsConfig()
     """Where the env workers run (this machine's processes, or Ray actors on a Ray cluster) and how many worker
     failures the run recovers from. Not part of the run: a resume may choose differently (config.json keeps
@@ -189,6 +212,13 @@ class TrainConfig:
             raise ValueError("window_starts='step' trains on windows starting at every step, which needs an "
                              "observation at every step: set --env.render-mode every_step (or use "
                              "--window-starts chunk)")
+        if self.cache_seeds < self.selection.num_candidates:
+            raise ValueError(f"cache_seeds ({self.cache_seeds}) must be >= selection.num_candidates "
+                             f"({self.selection.num_candidates}): each critic step draws N of the K cached seeds")
+        if self.td_backup not in ("split", "min"):
+            raise ValueError(f"td_backup must be 'split' or 'min', got {self.td_backup!r}")
+        if self.alpha_entropy not in ("edit", "tanh"):
+            raise ValueError(f"alpha_entropy must be 'edit' or 'tanh', got {self.alpha_entropy!r}")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.actor_update not in ("frozen", "success_bc"):
@@ -230,11 +260,16 @@ def learner_config(config: TrainConfig, actor_config: Any) -> LearnerConfig:
         selection=config.selection,
         gamma=config.gamma, tau=config.tau, utd=config.utd, batch_size=config.batch_size,
         critic_lr=config.learning_rate, policy_lr=config.learning_rate, temperature_lr=config.learning_rate,
-        init_temperature=c.edit_init_temperature, filter_schedule=schedule,
+        init_temperature=c.edit_init_temperature, filter_schedule=schedule, td_backup=config.td_backup,
+        alpha_entropy=config.alpha_entropy,
     )
 
 
-_PI05_LIBERO = TrainConfig(actor=ActorSource("pi05_libero"))
+# The paper's VLA setting in the FASTER authors' forms (docs/finetune.md, "Faithful to the method"): every
+# sliding window (observations rendered at every step), K = 32 cached seeds per row of which each critic step
+# draws N = 8, the split TD backup (EXPO's preset: min) and α's entropy in edit space.
+_PI05_LIBERO = TrainConfig(actor=ActorSource("pi05_libero"), env=LiberoEnvConfig(render_mode="every_step"),
+                           window_starts="step", cache_seeds=32, td_backup="split", alpha_entropy="edit")
 # The built-in small π0.5 (checkpoints/pi05_libero_small, pretrained on scripted demonstrations) on the
 # task where its base success is mid-band, libero_90 task 20 "turn on the stove" (60 %, MODEL_CARD.md),
 # with small critics: every part of a real run, on a 2-core CPU. Images at the model's 112² input; episodes
@@ -243,6 +278,8 @@ _PI05_LIBERO = TrainConfig(actor=ActorSource("pi05_libero"))
 # must show learning, so the critics get 10 updates per episode instead of 3 and EXPO's edit step starts at
 # α 0.01 instead of 1 (log α moves by about the learning rate per update, so from 1 the edits stay
 # near-uniform noise for thousands of updates). Measured in docs/reproduction.md, "A 300-episode run".
+# Those committed results used the forms kept here, not the authors' (docs/reproduction.md, "Which forms"): each
+# row's 8 seeds frozen (K = N), the doubly pessimistic min TD backup, α's entropy in tanh space, chunk windows.
 _CPU_SMALL = TrainConfig(
     actor=ActorSource("pi05_libero_small"),
     env=LiberoEnvConfig(suite="libero_90", task=20, max_steps=200, image_size=112),
@@ -251,19 +288,22 @@ _CPU_SMALL = TrainConfig(
                          edit_init_temperature=0.01),
     episodes=200, updates_per_episode=10, utd=10, batch_size=32, replay_capacity=20_000, cache_batch=8,
     eval_every=50, eval_episodes=20, checkpoint_every=10,
+    window_starts="chunk", cache_seeds=8, td_backup="min", alpha_entropy="tanh",
 )
 
 TRAIN_CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "pi05_libero_faster_expo": (
-        "FASTER-EXPO on openpi's pi05_libero (paper's VLA setting: N 8, greedy, 3 updates × UTD 10, batch 32)",
+        "FASTER-EXPO on openpi's pi05_libero (paper's VLA setting: N 8, greedy, 3 updates × UTD 10, batch 32, "
+        "every sliding window; the authors' TD backup, α target and fresh seed draws)",
         dataclasses.replace(_PI05_LIBERO, run_dir=Path("runs/pi05_libero_faster_expo"))),
     "pi05_libero_expo": (
-        "EXPO (best-of-N: denoise all 8, edit each, argmax Q) on pi05_libero",
+        "EXPO (best-of-N: denoise all 8, edit each, argmax Q) on pi05_libero, EXPO's min TD backup",
         dataclasses.replace(_PI05_LIBERO, run_dir=Path("runs/pi05_libero_expo"),
-                            selection=SelectionConfig("best_of_n", 8, 0.0))),
+                            selection=SelectionConfig("best_of_n", 8, 0.0), td_backup="min")),
     "pi05_libero_base": (
         "The frozen pi05_libero policy alone (no learning): the baseline curve",
-        dataclasses.replace(_PI05_LIBERO, run_dir=Path("runs/pi05_libero_base"), selection=SelectionConfig("base", 1))),
+        dataclasses.replace(_PI05_LIBERO, run_dir=Path("runs/pi05_libero_base"), selection=SelectionConfig("base", 1),
+                            env=LiberoEnvConfig(), window_starts="chunk")),
     "cpu_small_faster_expo": (
         "FASTER-EXPO with the built-in pretrained small π0.5 on libero_90 task 20, on CPU",
         dataclasses.replace(_CPU_SMALL, run_dir=Path("runs/cpu_small_faster_expo"))),

@@ -302,6 +302,8 @@ class RunLogger:
         data = to_jsonable(config, strict=False, _where="config")
         if not isinstance(data, dict):
             raise TypeError(f"config must be a dataclass or a mapping, got {type(config).__name__}")
+        if stored is not None:
+            stored = _with_added_defaults(stored, data, _defaults(config))
         if stored is not None and stored != data and not allow_change:
             diff = "\n  ".join(json_diff(stored, data))
             raise ValueError(f"the config differs from the one this run was started with ({path}):\n  {diff}\n"
@@ -444,3 +446,30 @@ def _scalar(name: str, value: Any) -> int | float | bool | str:
             return arr.reshape(()).item()
         raise TypeError(f"metric {name!r} must be a scalar, got an array of shape {list(arr.shape)} ({arr.dtype})")
     raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+
+
+def _defaults(config: Any) -> dict[str, Any] | None:
+    """The JSON of `type(config)()` (a dataclass with defaults for every field), else None."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return None
+    try:
+        return to_jsonable(type(config)(), strict=False, _where="config")
+    except TypeError:  # a field without a default
+        return None
+
+
+def _with_added_defaults(stored: Any, data: Any, defaults: Any) -> Any:
+    """`stored` with the fields it lacks taken from `data` where `data` holds their default: a run started
+    before a field existed ran as its default does (new fields default to the earlier behaviour), so resuming
+    it with that default is no change. A field set otherwise is still a difference."""
+    if not (isinstance(stored, dict) and isinstance(data, dict) and isinstance(defaults, dict)):
+        return stored
+    out = dict(stored)
+    for key, value in data.items():
+        if key not in stored:
+            if key in defaults and defaults[key] == value:
+                out[key] = value
+        else:
+            out[key] = _with_added_defaults(stored[key], value, defaults.get(key))
+    return out
+

@@ -25,7 +25,7 @@ import numpy as np
 from faster_vla.libero.config import EnvsConfig
 from faster_vla.libero.rollout import WorkerFailuresExceededError, num_init_states, open_envs
 from faster_vla.runs.config import TrainConfig
-from faster_vla.runs.logger import RunLogger
+from faster_vla.runs.logger import CONFIG_FILE, RunLogger
 from faster_vla.runs.run import Run
 
 RECENT_EPISODES = 20
@@ -36,9 +36,16 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     """Runs (or resumes) a fine-tuning run; returns the final counters and last eval success."""
     run = Run(config, log=log)
     if config.resume:
-        if not run.restore():
-            raise FileNotFoundError(f"--resume: no checkpoint in {run.checkpointer.directory}; start without --resume")
-        log(f"resumed {config.run_dir} at episode {run.counters.episodes} ({run.counters.env_steps} env steps)")
+        if run.restore():
+            log(f"resumed {config.run_dir} at episode {run.counters.episodes} ({run.counters.env_steps} env steps)")
+        elif (config.run_dir / CONFIG_FILE).is_file():
+            # Stopped before its first checkpoint (metrics may hold episodes logged since): it starts again at
+            # episode 0 with the same config (the logger checks it) and its log rewound, as if never started.
+            log(f"--resume: {config.run_dir} has no checkpoint yet (it stopped before its first); starting it again "
+                "from episode 0")
+        else:
+            raise FileNotFoundError(f"--resume: {config.run_dir} holds no run (no {CONFIG_FILE}, no checkpoint in "
+                                    f"{run.checkpointer.directory}); start without --resume")
     elif run.checkpointer.latest_episode is not None:
         raise FileExistsError(f"{config.run_dir} already holds a run: pass --resume to continue it, or choose "
                               "another --run-dir")
@@ -122,6 +129,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                         eval_success = run.evaluate(envs)
                         metrics["eval/success_rate"] = eval_success
                         metrics["eval/protocol"] = config.eval_protocol  # which protocol scored it
+                    # Cumulative wall time per stage (the checkpoint written below shows in the next record).
+                    metrics.update({f"time_s/{k}": v for k, v in c.time_s.items()})
                     logger.log(metrics, step=c.episodes)
                     if evaluate or c.episodes % config.checkpoint_every == 0:
                         run.save(eval_success if evaluate else None)

@@ -11,6 +11,7 @@ actor produced when they were stored (their prefix features stay exact: the VLM 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,12 +20,14 @@ import numpy as np
 
 from faster_vla.acting.agent import Agent, critic_inputs
 from faster_vla.acting.frozen_cache import row_noise
+from faster_vla.acting.mesh import DataParallel
 from faster_vla.acting.flow_trainer import ActorTrainer
 from faster_vla.acting.success_buffer import SuccessBuffer
 from faster_vla.libero.config import get_protocol
 from faster_vla.libero.env import LiberoEnv, check_libero_installed, resolve_task
 from faster_vla.libero.env_pool import EnvWorkers
 from faster_vla.libero.rollout import (
+    StageTimes,
     Trajectory,
     WorkerRecovery,
     init_state_keys,
@@ -62,6 +65,13 @@ class Counters:
     actor_update_flops: float = 0.0
     wall_s: float = 0.0
     worker_failures: int = 0  # env workers replaced after failing mid-episode (their episodes ran again)
+    time_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Cumulative wall seconds per stage: the training rollouts' `StageTimes` (acting, physics, rendering,
+    transport, reset, and the workers' summed physics_cpu/rendering_cpu), then cache (storing episodes: the
+    frozen-actor cache of the rows no decision encoded), update, actor_update, eval and checkpoint."""
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.time_s[stage] = self.time_s.get(stage, 0.0) + float(seconds)
 
     @property
     def flops(self) -> float:
@@ -90,13 +100,14 @@ class Run:
             self.actor_trainer = ActorTrainer.create(self.policy.actor.params, config.actor_optimizer, seed=config.seed)
             self.successes = SuccessBuffer(config.success_capacity)
         self.learner_config = learner_config(config, actor_config)
-        self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed)
+        self.agent = Agent(self.policy, self.learner_config, num_steps=config.num_steps, seed=config.seed,
+                           parallel=DataParallel(shard_params=config.shard_actor_params))
         self.parallel = self.agent.parallel  # decisions and critic minibatches split over the local devices
         self.parallel.check_divisible(config.batch_size, "batch_size (windows per critic step)")
         self.horizon = actor_config.action_horizon
         self.stride = self.horizon if config.window_starts == "chunk" else 1
         schedule = self.learner_config.filter_schedule
-        self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.selection.num_candidates,
+        self.cache_spec = FrozenActorCacheSpec.from_config(actor_config, config.cache_seeds,
                                                            cached_steps(schedule) if schedule else ())
         self.uses_features = self.learner_config.chunk_critic.encoder.kind == "backbone"
         self.eval_selection = dataclasses.replace(config.selection, temperature=0.0)
@@ -112,7 +123,7 @@ class Run:
         # Env workers that fail mid-episode are replaced and their episodes run again, up to a budget.
         self.recovery = WorkerRecovery(config.envs.max_worker_failures, log=log)
         self._prefix_flops = float(actor_flops.prefix_flops(actor_config))
-        self._cache_denoise_flops = float(config.selection.num_candidates * config.num_steps
+        self._cache_denoise_flops = float(config.cache_seeds * config.num_steps
                                           * actor_flops.denoise_flops(actor_config, num_candidates=1, num_steps=1))
         # One flow-loss step (analytic, as acting's actor FLOPs): the prefix forward per example, and the
         # suffix (one velocity evaluation over the chunk) forward plus backward, ≈ 3× its forward.
@@ -127,8 +138,14 @@ class Run:
         each decision also computes its observation's frozen-actor cache from the prefix it encoded to act
         (unless the rule learns nothing). Nothing is stored yet: see `store`."""
         record = "step" if self.stride == 1 else "chunk"
-        seeds = self.cache_spec.num_seeds if self.learns else 0
-        return self._episodes(self.config.selection, envs, episodes, record=record, cache_seeds=seeds)
+        seeds = self.cache_spec.num_seeds if self.learns and self.config.cache_from_acting else 0
+        times = StageTimes()
+        trajectories = self._episodes(self.config.selection, envs, episodes, record=record, cache_seeds=seeds,
+                                      times=times)
+        for stage, seconds in dataclasses.asdict(times).items():
+            if stage != "rounds":
+                self.counters.add_time(stage, seconds)
+        return trajectories
 
     def _episodes(self, selection: SelectionConfig, envs: LiberoEnv | EnvWorkers,
                   episodes: Sequence[tuple[int, jax.Array]], **kwargs: Any) -> list[Trajectory]:
@@ -147,9 +164,12 @@ class Run:
     def store(self, trajectory: Trajectory) -> float:
         """Stores one episode: the success buffer when the actor trains, and replay (with the frozen-actor cache
         of its observed rows) when the critics learn. Returns the FLOPs the cache cost."""
+        start = time.perf_counter()
         if trajectory.success and self.successes is not None:
             self.successes.add_episode(trajectory.decision_observations(), np.stack(trajectory.chunks))
-        return self._store(trajectory) if self.learns else 0.0
+        flops = self._store(trajectory) if self.learns else 0.0
+        self.counters.add_time("cache", time.perf_counter() - start)
+        return flops
 
     def _store(self, trajectory: Trajectory) -> float:
         """Adds one episode to replay. The acting side computed the frozen-actor cache of the rows it acted at;
@@ -167,7 +187,10 @@ class Run:
             noise = row_noise(trajectory.cache_key, [trajectory.rows[i] for i in missing],
                               (spec.num_seeds, spec.action_horizon, spec.action_dim))
             take = lambda x: np.asarray(x)[missing]  # noqa: E731
-            encoded = self.agent.cache(jax.tree.map(take, model_obs), noise, batch_size=self.config.cache_batch)
+            # Batches of cache_batch, or of the next power of two above fewer rows: with the acting pass's cache
+            # an episode leaves one row (its final observation) here, which a full batch would encode 8-16 times.
+            size = min(self.config.cache_batch, 1 << (len(missing) - 1).bit_length())
+            encoded = self.agent.cache(jax.tree.map(take, model_obs), noise, batch_size=size)
         from_acting = {i: trajectory.cache[r].cache_row() for i, r in enumerate(trajectory.rows) if r in trajectory.cache}
         fields = encoded.keys() if encoded else next(iter(from_acting.values())).keys()
         cache_rows = {k: np.stack([from_acting[i][k] if i in from_acting else encoded[k][missing.index(i)]
@@ -192,6 +215,7 @@ class Run:
 
     def update(self) -> dict[str, float]:
         """One learner update on utd·B windows; raises NonFiniteLossError on a NaN/Inf."""
+        start = time.perf_counter()
         cfg = self.config
         windows = self.replay.sample_windows(self.sample_rng, cfg.utd * cfg.batch_size, self.horizon, cfg.gamma,
                                              stride=self.stride)
@@ -207,6 +231,7 @@ class Run:
         self.learner = learner
         self.counters.updates += 1
         self.counters.update_flops += self._update_flops
+        self.counters.add_time("update", time.perf_counter() - start)
         return info
 
     def update_actor(self, updates: int) -> list[dict[str, float]]:
@@ -214,6 +239,7 @@ class Run:
         actor acts with the result (its EMA); nothing before the first success. Raises NonFiniteLossError."""
         if self.actor_trainer is None or self.successes is None or len(self.successes) == 0:
             return []
+        start = time.perf_counter()
         cfg = self.config.actor_optimizer
         trainer, infos = self.actor_trainer, []
         for _ in range(updates * cfg.steps_per_update):
@@ -229,6 +255,7 @@ class Run:
         self.policy.actor.params = trainer.acting_params  # the agent, evaluation and caching act with it
         self.counters.actor_updates += len(infos)
         self.counters.actor_update_flops += self._actor_step_flops * len(infos)
+        self.counters.add_time("actor_update", time.perf_counter() - start)
         return infos
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -238,6 +265,7 @@ class Run:
         env, or the training pool in lockstep), or over eval workers of its own (on the run's env backend) when
         eval_num_workers > 1. A failed worker is replaced and its episode run again (the run's recovery). With
         --eval-protocol openpi the episodes run in envs of that protocol, opened for this evaluation only."""
+        start = time.perf_counter()
         n = min(self.config.eval_episodes, num_init_states(env))
         workers = min(self.config.eval_num_workers, n)
         episodes = init_state_keys(range(n), jax.random.key(self.config.seed + EVAL_KEY_OFFSET))
@@ -248,11 +276,13 @@ class Run:
             env_config = protocol.env_config(self.config.env, self.policy.actor.config.siglip.image_size)
             with open_envs(env_config, workers, self.config.envs) as envs:
                 results = self._episodes(self.eval_selection, envs, episodes, protocol=protocol)
+            self.counters.add_time("eval", time.perf_counter() - start)
             return float(np.mean([r.success for r in results]))
         if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
             self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
         envs = env if workers == 1 else self._eval_envs
         results = self._episodes(self.eval_selection, envs, episodes)
+        self.counters.add_time("eval", time.perf_counter() - start)
         return float(np.mean([r.success for r in results]))
 
     def close(self) -> None:
@@ -263,9 +293,11 @@ class Run:
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def save(self, eval_success: float | None) -> None:
+        start = time.perf_counter()  # counted from the next checkpoint on (this one holds the counters)
         self.checkpointer.save(self.counters.episodes, self.learner, self.replay, self.sample_rng,
                                dataclasses.asdict(self.counters), eval_success=eval_success,
                                actor=self.actor_trainer, successes=self.successes)
+        self.counters.add_time("checkpoint", time.perf_counter() - start)
 
     def restore(self) -> bool:
         """Loads the latest checkpoint into this run; False when there is none."""

@@ -39,12 +39,14 @@ from faster_vla.policies import download
 from faster_vla.policies.checkpoint import restore_params, save_params
 from faster_vla.policies.config import get_preset
 from faster_vla.policies.policy import Policy, batch_bucket
+from faster_vla.policies.validation import InvalidInputError, describe
 from faster_vla.shared.jsonable import from_jsonable, to_jsonable
 from faster_vla.rl.selection import RULES, SelectionConfig
 
 BUNDLE_FILE = "faster_vla_bundle.json"
 BUNDLE_FORMAT = "faster_vla.serving.bundle"
 BUNDLE_VERSION = 1
+MAX_CANDIDATES = 1024  # noise seeds per request: bounds a request's compute (N chunks' worth for best-of-N)
 
 
 class BundleError(ValueError):
@@ -136,7 +138,9 @@ class TunedPolicy:
     `infer(obs, noise=None, num_candidates=None, selection=None, return_scores=False)`: openpi's LIBERO
     observation in, `actions` [H, 7] (un-normalised) and `policy_timing` out; `noise` [N, H, A_model] fixes the
     seed pool (caller-chosen seeds); `num_candidates` / `selection` (a rule name) override the bundle's per
-    request; `return_scores` adds `seed_index`, `edited` and `noise_scores` [N]. `infer_batch` takes b
+    request; `return_scores` adds `seed_index`, `edited` and `noise_scores` [N]; `warnings` (list[str]) appears
+    when the policy changed the request (a truncated prompt). Bad input raises `InvalidInputError` before any
+    compute, a non-finite action `NonFiniteActionError` (`faster_vla.policies.validation`). `infer_batch` takes b
     observations with the same options through one encode and one denoise (`Agent.act_batch`).
     """
 
@@ -148,7 +152,7 @@ class TunedPolicy:
 
     def infer(self, obs: Mapping[str, Any], *, noise: np.ndarray | None = None, num_candidates: int | None = None,
               selection: str | None = None, return_scores: bool = False) -> dict[str, Any]:
-        return self.infer_batch([obs], noise=None if noise is None else np.asarray(noise, np.float32)[None],
+        return self.infer_batch([obs], noise=None if noise is None else np.asarray(noise)[None],
                                 num_candidates=num_candidates, selection=selection, return_scores=return_scores)[0]
 
     def infer_batch(self, observations: Sequence[Mapping[str, Any]], *, noise: np.ndarray | None = None,
@@ -161,34 +165,40 @@ class TunedPolicy:
         a filter schedule's random keep is shared by the batch; see `Agent.act_batch`). Rows are padded to
         `batch_bucket(b)`, so jit compiles one program per power of two.
         """
-        for obs in observations:
-            state = np.asarray(obs.get("observation/state", np.zeros(0)), dtype=np.float64)
-            if state.size and not np.all(np.isfinite(state)):
-                raise ValueError("observation/state contains NaN or Inf")
+        # Options first (cheap); the observations and the noise's values are checked by `Agent.act_batch`
+        # (`policies.validation`, the checks every entry point shares) before anything is computed.
         config = self.selection
         if selection is not None:
-            if selection not in RULES:
-                raise ValueError(f"unknown selection {selection!r}; choose one of {list(RULES)}")
+            if not isinstance(selection, str) or selection not in RULES:
+                raise InvalidInputError("selection", f"one of {list(RULES)}", describe(selection))
             config = dataclasses.replace(config, rule=selection)
+        if not isinstance(return_scores, (bool, np.bool_)):
+            raise InvalidInputError("return_scores", "a bool", describe(return_scores))
+        if num_candidates is not None and (isinstance(num_candidates, (bool, np.bool_))
+                                           or not isinstance(num_candidates, (int, np.integer))
+                                           or not 1 <= num_candidates <= MAX_CANDIDATES):
+            raise InvalidInputError("num_candidates", f"an int in [1, {MAX_CANDIDATES}]", repr(num_candidates))
         if noise is not None:
-            noise = np.asarray(noise, np.float32)
+            noise = np.asarray(noise)
             if noise.ndim == 3:
                 noise = noise[:, None]
+            shape = (self.agent.actor.config.action_horizon, self.agent.actor.config.action_dim)
             if noise.ndim != 4:
-                raise ValueError(f"noise must be [N, H, A] (or [H, A] for one seed) per observation, got shape "
-                                 f"{list(noise.shape[1:])}")
+                raise InvalidInputError("noise", f"[N, {shape[0]}, {shape[1]}] (or [{shape[0]}, {shape[1]}] for one "
+                                        "seed) per observation", f"shape {list(noise.shape[1:])} per observation")
             num_candidates = noise.shape[1] if num_candidates is None else num_candidates
             if noise.shape[1] != num_candidates:
-                raise ValueError(f"noise holds {noise.shape[1]} seeds but num_candidates is {num_candidates}")
+                raise InvalidInputError("noise", f"num_candidates = {num_candidates} seeds",
+                                        f"{noise.shape[1]} seeds (shape {list(noise.shape[1:])})")
         if num_candidates is not None:
-            if not isinstance(num_candidates, (int, np.integer)) or not 1 <= num_candidates <= 1024:
-                raise ValueError(f"num_candidates must be an int in [1, 1024], got {num_candidates!r}")
             config = dataclasses.replace(config, num_candidates=int(num_candidates))
         decisions = self.agent.act_batch(self.learner, observations, selection=config, noise=noise,
                                          batch_size=batch_bucket(len(observations)))
         outs = []
         for decision in decisions:
             out: dict[str, Any] = {"actions": decision.actions, "policy_timing": decision.timing_ms}
+            if decision.warnings:
+                out["warnings"] = list(decision.warnings)
             if return_scores:
                 out.update(seed_index=decision.seed_index, edited=decision.edited)
                 if decision.noise_scores is not None:
@@ -212,12 +222,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_policy(path: str | Path, *, preset: str = "pi05_libero", strict_prompts: bool = True,
+def load_policy(path: str | Path, *, preset: str = "pi05_libero", strict_prompts: bool = False,
                 seed: int = 0) -> TunedPolicy | Policy:
     """A bundle -> `TunedPolicy`; a plain openpi checkpoint (folder with params/) -> the base `Policy`.
 
-    `preset` names the architecture of a plain checkpoint (a bundle records its own). With `strict_prompts`,
-    a prompt longer than the model's max_token_len is an error rather than silently truncated.
+    `preset` names the architecture of a plain checkpoint (a bundle records its own). A prompt longer than the
+    model's max_token_len is truncated as openpi does, and the result's `warnings` say so; with
+    `strict_prompts` it is an error instead.
     """
     path = Path(path).expanduser()
     if not path.exists():

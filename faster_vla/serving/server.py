@@ -15,7 +15,13 @@ it (facts: `shared/spec/serving.md` of the steering repository):
   to that call starting) and, from the second request of a connection on, `"prev_total_ms"` (the previous
   request's time in the server, from its observation arriving to its reply being sent).
 - A failing request gets its traceback as a TEXT frame and the connection is closed with code 1011
-  (`WebsocketClientPolicy.infer` raises RuntimeError); the server goes on serving everyone else.
+  (`WebsocketClientPolicy.infer` raises RuntimeError); the server goes on serving everyone else. The text
+  starts with a line naming the request id and the error (`request <id> refused: InvalidInputError: <field>:
+  expected ..., found ...`), and the server's log line about it carries the same id.
+- Every request gets an id (`<connection id>-<n>`); a reply carries it as `"request_id"`, and log lines
+  (ISO 8601 timestamps with `configure_logging`, as `faster-vla serve` sets up) name it.
+- What a policy accepts is decided by `faster_vla.policies.validation`, before any compute; a reply's
+  `"actions"` are checked finite here too, so not even a policy without that guard sends NaN to a robot.
 - `GET /healthz` answers 200 "OK\\n" (no API key needed). No frame-size limit (images), no compression.
 - Optional API key: clients must send `Authorization: Api-Key <key>` (`WebsocketClientPolicy(api_key=...)`);
   a missing key is answered 401, a wrong one 403, before the websocket opens.
@@ -47,11 +53,15 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import datetime
 import errno
 import hmac
 import http.client
 import inspect
+import itertools
 import logging
 import signal
 import socket
@@ -59,6 +69,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -71,12 +82,21 @@ from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as _ws_serve
 from websockets.http11 import Request, Response
 
+from faster_vla.policies.validation import (
+    REQUEST_OPTIONS,
+    InvalidInputError,
+    as_real_array,
+    check_actions,
+    check_noise,
+)
+
 logger = logging.getLogger(__name__)
 
-NOISE_KEY = "noise"
-# Per-request options a client may put in the observation; each is passed to `policy.infer` as a keyword when
-# its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, openpi's base `Policy` only noise).
-REQUEST_OPTIONS = (NOISE_KEY, "num_candidates", "selection", "return_scores")
+NOISE_KEY = REQUEST_OPTIONS[0]
+# REQUEST_OPTIONS: per-request options a client may put in the observation; each is passed to `policy.infer` as
+# a keyword when its signature takes it (a FASTER bundle's `TunedPolicy` takes all four, the base `Policy` only
+# noise).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 HEALTH_PATH = "/healthz"
 ERROR_CLOSE_CODE = 1011  # RFC 6455 "internal error"
 
@@ -151,6 +171,55 @@ def unpackb(data: bytes) -> Any:
     return msgpack.unpackb(data, object_hook=_decode)
 
 
+# -- logs ----------------------------------------------------------------------------------------------------
+
+
+class IsoFormatter(logging.Formatter):
+    """Log timestamps in ISO 8601 with milliseconds and the UTC offset (2025-01-31T14:03:07.123+00:00), which
+    sort as text and read unambiguously across machines, unlike logging's default '2025-01-31 14:03:07,123'."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 -- logging's
+        return datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The server's log setup: ISO 8601 timestamps on stderr; faster_vla at `level`, libraries (jax, websockets'
+    per-connection lines) from WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(IsoFormatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("faster_vla").setLevel(level)
+
+
+# -- memory --------------------------------------------------------------------------------------------------
+
+MMAP_THRESHOLD_BYTES = 128 * 2**10  # glibc's own starting value, kept fixed
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_large_buffers_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fixes glibc's mmap threshold, so every buffer of `threshold` bytes or more goes back to the OS when freed.
+
+    A server's big buffers (client frames, 2048² images, a resize's intermediates) are allocated and freed per
+    request. glibc raises its mmap threshold after freeing a large mmap'd block (up to 32 MiB), after which such
+    buffers come from the heap, and freed heap in the middle of an arena stays resident: the fuzz's 2048² image
+    frames alone left the server +60 MiB this way (+1 MiB with the threshold fixed). This is what
+    MALLOC_MMAP_THRESHOLD_=131072 does, set from inside so a deployed server gets it too. Costs an mmap/munmap
+    per such buffer (microseconds next to an inference). Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
 # -- server --------------------------------------------------------------------------------------------------
 
 
@@ -166,6 +235,27 @@ class PolicyLike(Protocol):
     def infer(self, obs: dict) -> dict: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """A failed request, as text: what the client and the log get, with no exception object left to free.
+
+    An exception's traceback holds the frames it passed through, and they hold the request (its message, the
+    arrays viewing it, its future, which held the exception): a reference cycle that kept every refused frame,
+    64 MiB ones included, alive until Python's rare full collection. Formatting the failure where it is caught
+    and handing on only this text leaves nothing to collect: the exception dies with its `except` block.
+    """
+
+    bad_input: bool  # refused (an undecodable frame, an InvalidInputError) rather than failed in the server
+    headline: str  # "<ExceptionType>: <message>"
+    traceback: str  # the formatted traceback, chained exceptions included
+
+    @classmethod
+    def of(cls, exc: BaseException, *, bad_input: bool) -> _Failure:
+        """Formats `exc` (call from its `except` block, then let it go)."""
+        return cls(bad_input or isinstance(exc, InvalidInputError), f"{type(exc).__name__}: {exc}",
+                   "".join(traceback.format_exception(exc)))
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     """One decoded request waiting for the inference worker."""
@@ -173,7 +263,7 @@ class _Request:
     obs: dict
     options: dict  # per-request options for `infer`, without noise
     noise: np.ndarray | None  # the caller's seed(s), one row of a batch's stacked noise
-    future: asyncio.Future  # -> (policy result, server_timing)
+    future: asyncio.Future  # -> (policy result, server_timing) or _Failure; never an exception
     arrived: float  # perf_counter when it was queued
 
     @property
@@ -304,8 +394,14 @@ class PolicyServer:
         self.max_batch = max_batch
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue: collections.deque[_Request] = collections.deque()
+        self._connections = 0  # connections whose handler has not returned yet
         self._wakeup: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None  # where it listens, once running
+
+    @property
+    def connections(self) -> int:
+        """Connections being handled now (a closed one counts until its handler has returned)."""
+        return self._connections
 
     @property
     def waiting(self) -> int:
@@ -336,7 +432,11 @@ class PolicyServer:
         """-> (observation, per-request options for `policy.infer` other than noise, noise or None)."""
         if isinstance(message, str):
             raise ValueError("expected a binary msgpack observation frame, got a text frame")
-        obs = unpackb(message)
+        try:
+            obs = unpackb(message)
+        except Exception as exc:  # noqa: BLE001 -- msgpack raises many types (ExtraData, StackError, FormatError, ...)
+            raise ValueError(f"the frame is no msgpack observation in openpi's msgpack-numpy format "
+                             f"({len(message)} bytes): {type(exc).__name__}: {exc}") from exc
         if not isinstance(obs, dict):
             raise ValueError(f"an observation must be a msgpack map (dict), got {type(obs).__name__}")
         options = {}
@@ -356,15 +456,11 @@ class PolicyServer:
                 f"the observation has {NOISE_KEY!r}, but this policy's infer() takes no noise argument: "
                 "remove it, or serve a policy with infer(obs, noise=...)"
             )
-        noise = np.asarray(noise)
-        if noise.dtype.kind not in "fiu":
-            raise ValueError(f"{NOISE_KEY!r} must be a numeric array, got dtype {noise.dtype}")
-        if self._noise_shape is not None and noise.shape != self._noise_shape:
-            raise ValueError(
-                f"{NOISE_KEY!r} has shape {noise.shape}, but this policy denoises from {self._noise_shape} "
-                "(the server metadata's 'noise_shape')"
-            )
-        return obs, options, noise
+        # The policy checks the noise fully (`validation.check_noise`); checked here when the metadata gives its
+        # shape, so a bad noise is refused before it is queued (and never joins a batch).
+        if self._noise_shape is not None:
+            return obs, options, check_noise(noise, self._noise_shape, field=f"{NOISE_KEY} (metadata 'noise_shape')")
+        return obs, options, as_real_array(noise, NOISE_KEY, "a numeric array")
 
     def _call(self, batch: list[_Request]) -> list[tuple[Mapping, dict]]:
         """One policy call for `batch` (on the worker thread): `infer` for one request, else `infer_batch`."""
@@ -386,21 +482,24 @@ class PolicyServer:
         return [(result, {"infer_ms": infer_ms, "batch_size": len(batch), "queue_ms": 1e3 * (start - r.arrived)})
                 for r, result in zip(batch, results, strict=True)]
 
-    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | Exception]:
-        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself."""
+    def _run_batch(self, batch: list[_Request]) -> list[tuple[Mapping, dict] | _Failure]:
+        """`_call`, and when a batch of several fails, each request again alone: a bad one fails by itself.
+
+        A failure comes back formatted (`_Failure`), so no exception, traceback or frame outlives this call.
+        """
         try:
             return self._call(batch)
         except Exception as exc:  # noqa: BLE001 -- handed to the request's client
             if len(batch) == 1:
-                return [exc]
+                return [_Failure.of(exc, bad_input=False)]
             logger.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
                            type(exc).__name__, exc)
-        outcomes: list[tuple[Mapping, dict] | Exception] = []
+        outcomes: list[tuple[Mapping, dict] | _Failure] = []
         for request in batch:
             try:
                 outcomes += self._call([request])
             except Exception as exc:  # noqa: BLE001
-                outcomes.append(exc)
+                outcomes.append(_Failure.of(exc, bad_input=False))
         return outcomes
 
     async def _worker(self) -> None:
@@ -418,47 +517,86 @@ class PolicyServer:
                 continue
             outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
             for request, outcome in zip(batch, outcomes, strict=True):
-                if request.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    request.future.set_exception(outcome)
-                else:
+                if not request.future.done():
                     request.future.set_result(outcome)
+            # This frame lives as long as the server: the last batch (its messages) must not wait here for the next.
+            del batch, outcomes, request, outcome
 
-    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict]:
-        """Queues one request for the worker -> (policy result, server_timing)."""
+    async def _infer(self, obs: dict, options: dict, noise: np.ndarray | None) -> tuple[Mapping, dict] | _Failure:
+        """Queues one request for the worker -> (policy result, server_timing), or its `_Failure`."""
         request = _Request(obs, options, noise, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(request)
         self._wakeup.set()
         return await request.future
 
+    async def _answer(self, message: str | bytes, request_id: str, peer: Any,
+                      prev_total_ms: float | None) -> bytes | _Failure:
+        """One request -> its reply frame, or its `_Failure` (formatted in the `except` block, so neither the
+        exception nor the frames it holds survive into the error reply's awaits)."""
+        try:
+            parts = self._split_observation(message)
+        except Exception as exc:  # noqa: BLE001 -- an undecodable or malformed frame is the client's
+            return _Failure.of(exc, bad_input=True)
+        try:
+            outcome = await self._infer(*parts)
+            if isinstance(outcome, _Failure):
+                return outcome
+            result, timing = outcome
+            reply = dict(result)
+            if "actions" in reply:  # the output guard, also for policies without their own
+                check_actions(reply["actions"], "the reply")
+            reply["server_timing"] = timing
+            reply["request_id"] = request_id
+            if prev_total_ms is not None:
+                reply["server_timing"]["prev_total_ms"] = prev_total_ms
+            for warning in reply.get("warnings", ()):
+                logger.info("request %s from %s: %s", request_id, peer, warning)
+            logger.debug("request %s from %s: policy %.1f ms, batch %d", request_id, peer, timing["infer_ms"],
+                         timing["batch_size"])
+            return packb(reply)
+        except Exception as exc:  # noqa: BLE001 -- any failure goes back to this client, never down the server
+            return _Failure.of(exc, bad_input=False)
+
     async def _handle(self, ws: ServerConnection) -> None:
         peer = ws.remote_address
-        logger.info("client connected: %s", peer)
+        connection = uuid.uuid4().hex[:8]  # request ids are <connection>-<n>: one grep finds a client's requests
+        logger.info("connection %s: client %s connected", connection, peer)
+        self._connections += 1
         try:
             await ws.send(self._metadata_frame)
             prev_total_ms: float | None = None
-            while True:
+            for n in itertools.count(1):
                 message = await ws.recv()
                 start = time.perf_counter()
-                try:
-                    result, timing = await self._infer(*self._split_observation(message))
-                    reply = dict(result)
-                    reply["server_timing"] = timing
-                    if prev_total_ms is not None:
-                        reply["server_timing"]["prev_total_ms"] = prev_total_ms
-                    frame = packb(reply)
-                except Exception:  # noqa: BLE001 -- any failure goes back to this client, never down the server
-                    logger.exception("request from %s failed", peer)
-                    await ws.send(traceback.format_exc())
-                    await ws.close(ERROR_CLOSE_CODE, "policy server error; traceback in the previous text frame")
+                request_id = f"{connection}-{n}"
+                answer = await self._answer(message, request_id, peer, prev_total_ms)
+                del message  # a refused 64 MiB frame is freed now, not when the client's close completes
+                if isinstance(answer, _Failure):
+                    await self._send_error(ws, request_id, peer, answer)
                     return
-                await ws.send(frame)
+                await ws.send(answer)
                 prev_total_ms = 1e3 * (time.perf_counter() - start)
+                logger.debug("request %s from %s served in %.1f ms", request_id, peer, prev_total_ms)
         except websockets.ConnectionClosed:
             pass
         finally:
-            logger.info("client disconnected: %s", peer)
+            self._connections -= 1
+            logger.info("connection %s: client %s disconnected", connection, peer)
+
+    @staticmethod
+    async def _send_error(ws: ServerConnection, request_id: str, peer: Any, failure: _Failure) -> None:
+        """openpi's error reply: the traceback as a TEXT frame, headed by the request id, then close 1011.
+
+        A refused input (an undecodable frame, an `InvalidInputError`) is logged on one line; any other failure
+        with its traceback, as a server-side fault.
+        """
+        verb = "refused" if failure.bad_input else "failed"
+        if failure.bad_input:
+            logger.warning("request %s from %s %s: %s", request_id, peer, verb, failure.headline)
+        else:
+            logger.error("request %s from %s %s\n%s", request_id, peer, verb, failure.traceback.rstrip())
+        await ws.send(f"faster-vla policy server: request {request_id} {verb}: {failure.headline}\n{failure.traceback}")
+        await ws.close(ERROR_CLOSE_CODE, f"request {request_id} {verb}; traceback in the previous text frame")
 
     async def run(
         self, stop: Awaitable[Any] | None = None, on_ready: Callable[[tuple[str, int]], None] | None = None
