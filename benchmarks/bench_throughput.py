@@ -101,6 +101,36 @@ def summarise(records: list[dict[str, Any]], num_envs: int) -> dict[str, Any]:
     }
 
 
+def pi05_libero_env(decisions: int, image_size: int = 224) -> dict[str, Any]:
+    """The pi05_libero env's own cost per decision (a 10-step chunk: physics, then the boundary render at 256²
+    and its resize to the model's input), measured with no model computing beside it.
+
+    Inside the CPU episode loop the acting pass's cache (the 3.3B model's denoising, dispatched while the env
+    steps) shares the cores and XLA's CPU queue with the env (the resize is a JAX program on the CPU), which
+    inflates the env's measured time several-fold; on a machine with a GPU the cache runs there. A projection
+    to such a machine takes the env's cost from here."""
+    import numpy as np
+
+    from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
+    from faster_vla.libero.rollout import StageTimes
+
+    config = LiberoEnvConfig(suite="libero_90", task=20, resolution=256, image_size=image_size,
+                             max_steps=(decisions + 1) * 10)
+    times = StageTimes()
+    with LiberoEnv(config) as env:
+        env.reset(1)
+        env.step_chunk(np.zeros((10, 7), np.float32))  # the first render and resize compile; not counted
+        start = time.perf_counter()
+        env.reset(1)
+        reset_s = time.perf_counter() - start
+        for _ in range(decisions):
+            start = time.perf_counter()
+            result = env.step_chunk(np.zeros((10, 7), np.float32))
+            times.add_env(time.perf_counter() - start, [result])
+    return {"decisions": decisions, "reset_s": reset_s,
+            "per_decision_s": {"physics": times.physics / decisions, "rendering": times.rendering / decisions}}
+
+
 def pi05_libero_round(decisions: int, rehearse: bool = False) -> dict[str, Any]:
     """pi05_libero-shaped: the episode loop's stages with the 3.3B actor and its critics on this device
     (`rehearse`: device_check's tiny rehearsal plan instead, to check the code path in a minute)."""
@@ -121,7 +151,8 @@ def pi05_libero_round(decisions: int, rehearse: bool = False) -> dict[str, Any]:
     horizon = model.config.action_horizon
     env_config = LiberoEnvConfig(suite="libero_90", task=20, resolution=256,
                                  image_size=model.config.siglip.image_size)
-    out: dict[str, Any] = {"model": info, "device": str(jax.devices()[0]), "decisions": decisions}
+    out: dict[str, Any] = {"model": info, "device": str(jax.devices()[0]), "decisions": decisions,
+                           "env_alone": pi05_libero_env(decisions, model.config.siglip.image_size)}
     with LiberoEnv(dataclasses.replace(env_config, max_steps=horizon)) as warm:  # compiles (one decision)
         run_episodes(agent, learner, learner_config.selection, warm, [(0, jax.random.key(0))], record="chunk",
                      cache_seeds=plan.num_candidates)
@@ -183,21 +214,23 @@ class Target:
 def projection(result: dict[str, Any], target: Target = Target()) -> list[dict[str, Any]]:
     """Episodes/h of pi05_libero FASTER-EXPO fine-tuning on `target`, from measured per-part costs.
 
-    Measured here: the pi05_libero env's physics and rendering per chunk (256² render, one core) and its reset
-    (part 2), and the transport per round and worker (part 1's largest local K). Not measured (no GPU yet): the
+    Measured here: the pi05_libero env's physics and rendering per chunk (256² render, one core) and its reset,
+    alone (`pi05_libero_env`: inside the CPU loop the model's cache shares the cores; on the target it runs
+    on the GPU), and the transport per round and worker (part 1's largest local K). Not measured (no GPU yet): the
     accelerator's time for a decision, the cache's denoising, the final row's encode and an update, taken as
     their analytic FLOPs over an assumed achieved rate (one row per rate). Lockstep rounds: a batched decision
     for K observations, then every worker's chunk in parallel (the cache's denoising overlaps it on the
     accelerator); each episode also resets, encodes its final row and takes its updates, serially.
     """
     p = result["pi05_libero"]
-    per = p["per_decision_s"]
-    env_chunk = per["physics"] + per["rendering"]
+    env_cost = p.get("env_alone", p)  # results from before the env was timed alone: the loop's (contended) ones
+    env_chunk = env_cost["per_decision_s"]["physics"] + env_cost["per_decision_s"]["rendering"]
     local = [r for r in result.get("runs", []) if r["variant"]["backend"] == "local" and r["variant"]["cache_from_acting"]]
     widest = max(local, key=lambda r: r["variant"]["num_envs"], default=None)
     # Transport per round per worker: ms per env step (all workers' steps) × the steps one worker's chunk takes.
     transport_per_worker = 0.0 if widest is None else widest["ms_per_env_step"]["transport"] * target.chunk / 1e3
     decisions = target.episode_steps // target.chunk
+    reset_s = env_cost["reset_s"]
     f = p["flops"]
     rows = []
     for rate in target.gpu_flops_per_s:
@@ -205,7 +238,7 @@ def projection(result: dict[str, Any], target: Target = Target()) -> list[dict[s
             acting = k * f["decision"] / rate
             env = max(env_chunk, k * f["cache_per_decision"] / rate) + k * transport_per_worker
             serial = k * (target.updates_per_episode * f["update"] + f["final_row_cache"]) / rate
-            episode_s = decisions * (acting + env) + p["reset_s"] + serial
+            episode_s = decisions * (acting + env) + reset_s + serial
             rows.append({"gpu_flops_per_s": rate, "num_envs": k, "round_s": acting + env,
                          "acting_share": acting / (acting + env), "episodes_per_h": 3600 * k / episode_s,
                          "env_steps_per_s": k * target.episode_steps / episode_s})
@@ -237,6 +270,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"pi05_libero-shaped on {p['device']}: per decision (10 env steps) acting {d['acting']:.2f} s, "
                       f"physics {d['physics']:.3f} s, rendering {d['rendering']:.3f} s; final-row cache "
                       f"{p['final_row_cache_s']:.2f} s; one update {p['update_s']:.2f} s"]
+        if "env_alone" in p:
+            e = p["env_alone"]["per_decision_s"]
+            lines += ["", f"the env alone (no model computing beside it): per decision physics {e['physics']:.3f} s, "
+                          f"rendering {e['rendering']:.3f} s; reset {p['env_alone']['reset_s']:.2f} s"]
         if "projection" in result:
             lines += ["", "| assumed GPU rate | K | round s | acting share | episodes/h | env steps/s |",
                       "|---:|---:|---:|---:|---:|---:|"]
@@ -255,6 +292,8 @@ def main() -> None:
     parser.add_argument("--pi05-libero", action="store_true", help="also measure a pi05_libero-shaped round")
     parser.add_argument("--rehearse", action="store_true", help="part 2 on a tiny plan (checks the code path)")
     parser.add_argument("--pi05-decisions", type=int, default=3, help="decisions of the pi05_libero episode")
+    parser.add_argument("--pi05-env-only", action="store_true", help="time only the pi05_libero env alone (no "
+                        "model) and add it to the pi05_libero part taken from --merge")
     parser.add_argument("--train-args", default="", help="extra `faster-vla train` flags, one string")
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--merge", nargs="*", default=[], help="result JSONs of earlier invocations to combine "
@@ -292,6 +331,10 @@ def main() -> None:
             if key in earlier and key not in result:
                 result[key] = earlier[key]
                 result.setdefault("merged_from", {})[key] = {"file": path, "command": earlier.get("command")}
+    if args.pi05_env_only:
+        if "pi05_libero" not in result:
+            parser.error("--pi05-env-only adds to a pi05_libero part: pass --pi05-libero or --merge a result with one")
+        result["pi05_libero"]["env_alone"] = pi05_libero_env(args.pi05_decisions)
     if "pi05_libero" in result:
         result["projection_target"] = dataclasses.asdict(Target())
         result["projection"] = projection(result)

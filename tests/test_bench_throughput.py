@@ -42,3 +42,18 @@ def test_projection_grows_with_envs_until_acting_dominates():
     assert one["round_s"] == pytest.approx(5e12 / 1e14 + 1.0)  # acting + the env chunk (cache hidden under it)
     assert many["episodes_per_h"] > 5 * one["episodes_per_h"]
     assert many["acting_share"] > one["acting_share"]
+
+
+def test_projection_takes_the_env_alone_over_the_contended_loop():
+    # In the CPU loop the model's cache shares the cores (rendering 6 s per chunk); alone, the env takes 1 s.
+    part2 = {"per_decision_s": {"acting": 30.0, "physics": 0.2, "rendering": 6.0, "transport": 0.0}, "reset_s": 3.0,
+             "flops": {"decision": 5e12, "cache_per_decision": 5e11, "final_row_cache": 5e12, "update": 1e12},
+             "env_alone": {"per_decision_s": {"physics": 0.2, "rendering": 0.8}, "reset_s": 1.0, "decisions": 3}}
+    target = bt.Target(gpu_flops_per_s=(1e14,))
+    one, _ = bt.projection({"pi05_libero": part2}, target)
+    assert one["round_s"] == pytest.approx(5e12 / 1e14 + 1.0)
+    decisions = target.episode_steps // target.chunk
+    serial = (target.updates_per_episode * 1e12 + 5e12) / 1e14
+    assert 3600 / one["episodes_per_h"] == pytest.approx(decisions * one["round_s"] + 1.0 + serial)  # reset alone
+    contended, _ = bt.projection({"pi05_libero": {k: v for k, v in part2.items() if k != "env_alone"}}, target)
+    assert contended["round_s"] == pytest.approx(5e12 / 1e14 + 6.2)  # older results: the loop's figures
