@@ -5,6 +5,7 @@ errors for missing, partial, damaged and unpaired records; plus the committed re
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import sys
@@ -21,7 +22,7 @@ from faster_vla.runs.loop import episode_init_state  # noqa: E402
 from faster_vla.shared.jsonable import to_jsonable  # noqa: E402
 from reproduce import ReproduceArgs, check_records, grid, main  # noqa: E402
 from reproduce_report import REPORT_FILE, REPORT_JSON, ReportSettings, paired_difference, render  # noqa: E402
-from reproduce_run import dump_record, make_record  # noqa: E402
+from reproduce_run import LOCK_FILE, dump_record, make_record, run_job  # noqa: E402
 
 # Training outcomes per (method, seed) over 8 episodes; the report's late episodes are 5-8.
 OUTCOMES = {
@@ -154,9 +155,23 @@ def test_a_record_of_another_grid_is_refused_before_anything_runs(tmp_path):
         check_records(grid(dataclasses.replace(args, episodes=9)), args.records)
 
 
+def test_a_second_process_on_a_locked_run_stops_before_training(tmp_path):
+    spec = grid(_args(tmp_path))[0]
+    spec.config.run_dir.mkdir(parents=True)
+    job = {"name": spec.name, "config": to_jsonable(spec.config, strict=False)}
+    with open(spec.config.run_dir / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match=f"locked by another process training {spec.name}"):
+            run_job(job)
+    assert not (spec.config.run_dir / "config.json").exists()  # nothing of the run was started
+
+
 def test_the_committed_report_is_regenerated_from_the_committed_records():
     folder = BENCHMARKS / "results" / "reproduce"
     if not (folder / REPORT_JSON).is_file():
+        assert not list((folder / "runs").glob("*.json")), (
+            f"{folder / 'runs'} holds records but {folder / REPORT_JSON} is missing: run "
+            "`benchmarks/reproduce.py --report-only` and commit its report with them")
         pytest.skip(f"no committed reproduction report yet ({folder / REPORT_JSON}): the grid has not been run")
     stored = json.loads((folder / REPORT_JSON).read_text())
     text, _ = render(BENCHMARKS.parent / stored["records"], stored["expected"], ReportSettings(**stored["settings"]))
