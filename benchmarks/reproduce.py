@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import tyro
 
+from faster_vla.libero.env import check_libero_installed, resolve_task
 from faster_vla.rl.selection import SelectionConfig
 from faster_vla.runs.config import TRAIN_CONFIGS, TrainConfig
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
@@ -213,6 +214,9 @@ def main(args: ReproduceArgs) -> str:
     todo = check_records(specs, args.records)
     failed: list[str] = []
     if todo and not args.report_only:
+        check_libero_installed()  # and bad tasks fail here, not in P processes after their models are built
+        for spec in todo:
+            resolve_task(spec.config.env.suite, spec.config.env.task)
         ensure_writable_dir(args.records, "records folder")
         print(f"{len(specs) - len(todo)} of {len(specs)} runs have records; training {len(todo)}, "
               f"{args.parallel} at a time", flush=True)
