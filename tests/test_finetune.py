@@ -69,6 +69,9 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
     counters = result["counters"]
     assert counters["episodes"] == 2 and counters["env_steps"] == 20
     assert counters["updates"] == 2 * base_updates() and counters["acting_flops"] > 0 and counters["update_flops"] > 0
+    # The final evaluation (run by this process) comes back per episode: eval_episodes 1, init state 0.
+    assert [e["init_state"] for e in result["eval_episodes"]] == [0]
+    assert float(result["eval_episodes"][0]["success"]) == result["eval_success"]
 
     # The final checkpoint holds the whole run: replay rows of both episodes, counters matching them.
     from faster_vla.runs.run import Run

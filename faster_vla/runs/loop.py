@@ -33,7 +33,8 @@ RECENT_EPISODES = 20
 
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs (or resumes) a fine-tuning run; returns the final counters and last eval success."""
+    """Runs (or resumes) a fine-tuning run; returns the final counters, the last eval success and, when this
+    process ran the final evaluation, its per-episode outcomes (init state, success, steps)."""
     run = Run(config, log=log)
     if config.resume:
         if run.restore():
@@ -82,8 +83,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
                 first = run.counters.episodes
                 size = min(config.num_envs, config.episodes - first, _until(first, config.checkpoint_every),
                            _until(first, config.eval_every) if config.eval_every else config.num_envs)
-                episodes = [(int(np.random.default_rng([config.seed, 2, e]).integers(init_states)),
-                             jax.random.fold_in(key, e)) for e in range(first, first + size)]
+                episodes = [(episode_init_state(config.seed, e, init_states), jax.random.fold_in(key, e))
+                            for e in range(first, first + size)]
                 for trajectory in run.rollout(envs, episodes):
                     if finished():  # the env-step budget ran out earlier in this round: the rest is dropped
                         break
@@ -143,7 +144,15 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         finally:
             envs.close()
             run.close()
-    return {"counters": dataclasses.asdict(run.counters), "eval_success": eval_success}
+    # The final evaluation's per-episode outcomes, when this process ran it (a resume of a finished run does not).
+    eval_episodes = run.last_eval if eval_success is not None else None
+    return {"counters": dataclasses.asdict(run.counters), "eval_success": eval_success, "eval_episodes": eval_episodes}
+
+
+def episode_init_state(seed: int, episode: int, num_init_states: int) -> int:
+    """The init state training episode `episode` (0-based) starts from: a function of (seed, episode) alone, so
+    runs of any method with the same seed and task meet the same init states in the same order (paired)."""
+    return int(np.random.default_rng([seed, 2, episode]).integers(num_init_states))
 
 
 def _until(episodes: int, every: int) -> int:

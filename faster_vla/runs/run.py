@@ -120,6 +120,7 @@ class Run:
                                             keep_best=config.keep_best)
         self._update_flops: float | None = None
         self._eval_envs: EnvWorkers | None = None  # eval workers, when eval_num_workers > 1
+        self.last_eval: list[dict[str, Any]] | None = None  # the last evaluation's per-episode outcomes
         # Env workers that fail mid-episode are replaced and their episodes run again, up to a budget.
         self.recovery = WorkerRecovery(config.envs.max_worker_failures, log=log)
         self._prefix_flops = float(actor_flops.prefix_flops(actor_config))
@@ -282,6 +283,7 @@ class Run:
             self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
         envs = env if workers == 1 else self._eval_envs
         results = self._episodes(self.eval_selection, envs, episodes)
+        self.last_eval = [r.summary() for r in results]
         self.counters.add_time("eval", time.perf_counter() - start)
         return float(np.mean([r.success for r in results]))
 

@@ -1,0 +1,352 @@
+"""The reproduction's report, from the committed run records alone (no run folder needed).
+
+Per task: training-episode success per block of episodes with the paired comparisons against the base policy
+and against EXPO (exact McNemar on the pairs only one run won; runs with the same task and seed start episode
+i from the same init state, which is checked here), the final greedy evaluation pooled over seeds × init
+states with 95 % Wilson intervals, the FLOPs (acting, cache, updates) and wall time of every run, and a
+verdict per claim that follows from those numbers:
+
+- "FASTER-EXPO ≈ EXPO": the paired difference in success over the late training episodes (from
+  `late_from` on) with its 95 % interval (Newcombe's hybrid score interval for paired proportions, built on
+  the Wilson intervals); shown when the interval lies within ±`equivalence_margin`.
+- "M > base": the exact McNemar test over the same late episodes; shown when p < `alpha` and M won more pairs.
+
+Each paired episode counts as one observation (the seeds' spread is in the per-seed columns). Writes
+`report.md` (the tables, reproduced byte for byte from the same records), `report.json` (the numbers and
+what produced them) and per task `task<t>_success_vs_episodes.png` / `task<t>_success_vs_flops.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench_common import write_result
+from compare_runs import mcnemar_p, moving_rate
+from faster_vla.runs.evaluate import wilson_interval
+from faster_vla.runs.logger import figure_png
+from faster_vla.runs.loop import RECENT_EPISODES
+from faster_vla.shared.files import atomic_write
+from reproduce_run import RECORD_FORMAT, RECORD_VERSION
+
+LABELS: dict[str, str] = {"base": "base π0.5", "expo": "EXPO", "faster_expo": "FASTER-EXPO",
+                          "faster_idql": "FASTER-IDQL (selection, no edit)", "expo_n1": "EXPO N=1 (edit, no selection)"}
+REFERENCES = ("base", "expo")
+"""The methods every other one is compared with, pair by pair."""
+REPORT_FILE, REPORT_JSON = "report.md", "report.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSettings:
+    """How the report groups and judges the records."""
+
+    block: int = 50
+    """Training episodes per block of the tables."""
+    late_from: int = 101
+    """The verdicts use the training episodes from this one (1-based) on: the critics learn over the first 100
+    (docs/reproduction.md, the 300-episode run)."""
+    equivalence_margin: float = 0.10
+    """"≈" is shown when the 95 % interval of the difference in success lies within ± this."""
+    alpha: float = 0.05
+    """"> base" is shown when the McNemar p-value is below this."""
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.late_from < 1:
+            raise ValueError(f"report block and late_from must be >= 1, got {self.block} and {self.late_from}")
+        if not 0 < self.equivalence_margin < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"report equivalence_margin and alpha must be in (0, 1), got {self.equivalence_margin} "
+                             f"and {self.alpha}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One record, read into arrays (episode i at index i-1)."""
+
+    name: str
+    method: str
+    task: int
+    seed: int
+    complete: bool
+    success: np.ndarray
+    init_state: np.ndarray
+    flops: np.ndarray
+    final: list[list[Any]]
+    counters: dict[str, Any]
+
+
+REQUIRED = {"format": str, "version": int, "name": str, "method": str, "task": int, "seed": int, "config": dict,
+            "counters": dict, "final_eval": dict, "metric_columns": list, "metric_rows": list}
+
+
+def read_record(path: Path) -> Run:
+    """A record file, checked field by field; errors name the file, the field, what was expected and found."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a JSON record ({exc}); a record is written whole, so this file was damaged or "
+                         "is no record: delete it to run that run again") from exc
+    for key, kind in REQUIRED.items():
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"{path}: field {key!r} should be a {kind.__name__}, found {data.get(key)!r:.80}")
+    if (data["format"], data["version"]) != (RECORD_FORMAT, RECORD_VERSION):
+        raise ValueError(f"{path}: format {data['format']!r} version {data['version']}, expected {RECORD_FORMAT!r} "
+                         f"version {RECORD_VERSION}")
+    columns = data["metric_columns"]
+    for key in ("episodes", "env_steps", "flops", "train/success", "train/init_state"):
+        if key not in columns:
+            raise ValueError(f"{path}: metric_columns lacks {key!r}")
+    rows = np.array([[math.nan if v is None else v for v in row] for row in data["metric_rows"]], float)
+    rows = rows.reshape(-1, len(columns))
+    col = {k: rows[:, i] for i, k in enumerate(columns)}
+    if not np.array_equal(col["episodes"], np.arange(1, len(rows) + 1)):
+        raise ValueError(f"{path}: metric_rows should be episodes 1..{len(rows)} in order, found "
+                         f"{col['episodes'][:10].tolist()}...")
+    counters, config = data["counters"], data["config"]
+    if counters.get("episodes") != len(rows):
+        raise ValueError(f"{path}: counters.episodes is {counters.get('episodes')}, metric_rows holds {len(rows)}")
+    budget = config.get("env_step_budget")
+    complete = len(rows) >= config.get("episodes", math.inf) or (budget is not None and counters["env_steps"] >= budget)
+    final = data["final_eval"].get("episodes")
+    if not isinstance(final, list) or not final or any(not isinstance(e, list) or len(e) != 3 for e in final):
+        raise ValueError(f"{path}: final_eval.episodes should be a non-empty list of [init_state, success, steps], "
+                         f"found {final!r:.80}")
+    return Run(data["name"], data["method"], data["task"], data["seed"], complete, col["train/success"] > 0.5,
+               col["train/init_state"].astype(int), col["flops"], final, counters)
+
+
+def load_runs(records: Path, expected: list[dict[str, Any]]) -> tuple[list[Run], list[str]]:
+    """The complete records of the expected runs, and one line per expected run that is missing or partial."""
+    runs, problems = [], []
+    for spec in expected:
+        path = records / f"{spec['name']}.json"
+        if not path.is_file():
+            problems.append(f"{spec['name']}: missing (no {path})")
+            continue
+        run = read_record(path)
+        found = {k: getattr(run, k) for k in ("method", "task", "seed")}
+        if found != {k: spec[k] for k in found}:
+            raise ValueError(f"{path}: record of {found}, expected {({k: spec[k] for k in found})}")
+        if not run.complete:
+            problems.append(f"{spec['name']}: partial ({len(run.success)} episodes, {run.counters['env_steps']} env "
+                            "steps; its config asks for more), left out of the tables")
+            continue
+        runs.append(run)
+    return runs, problems
+
+
+def paired(a: list[Run], b: list[Run], start: int, stop: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Outcomes of the episodes [start, stop) that `a` and `b` runs of the same task and seed both ran, pooled
+    over seeds; raises if a pair's init states differ (the runs would not be paired)."""
+    xs, ys = [], []
+    by_key = {(r.task, r.seed): r for r in b}
+    for ra in a:
+        rb = by_key.get((ra.task, ra.seed))
+        if rb is None:
+            continue
+        n = min(len(ra.success), len(rb.success), math.inf if stop is None else stop)
+        if not np.array_equal(ra.init_state[:n], rb.init_state[:n]):
+            i = int(np.argmax(ra.init_state[:n] != rb.init_state[:n]))
+            raise ValueError(f"{ra.name} and {rb.name} are not paired: episode {i + 1} starts from init state "
+                             f"{ra.init_state[i]} in one, {rb.init_state[i]} in the other")
+        xs.append(ra.success[start:n])
+        ys.append(rb.success[start:n])
+    return (np.concatenate(xs), np.concatenate(ys)) if xs else (np.zeros(0, bool), np.zeros(0, bool))
+
+
+def paired_difference(ref: np.ndarray, other: np.ndarray) -> tuple[float, float, float]:
+    """success(other) − success(ref) over paired outcomes, with Newcombe's 95 % hybrid score interval (his method
+    10: the two Wilson intervals combined with the pairs' correlation)."""
+    n = len(ref)
+    a, b = int((ref & other).sum()), int((ref & ~other).sum())
+    c, d = int((~ref & other).sum()), int((~ref & ~other).sum())
+    p1, p2 = (a + c) / n, (a + b) / n  # other, ref
+    l1, u1 = wilson_interval(a + c, n)
+    l2, u2 = wilson_interval(a + b, n)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    lower = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return p1 - p2, p1 - p2 - lower, p1 - p2 + upper
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def _pair_cell(ref: np.ndarray, other: np.ndarray) -> str:
+    if not len(ref):
+        return "–"
+    b, c = int((ref & ~other).sum()), int((~ref & other).sum())
+    return f"{b} vs {c} ({mcnemar_p(b, c):.2g})"
+
+
+def block_table(task: int, by_method: dict[str, list[Run]], settings: ReportSettings) -> list[str]:
+    longest = max(len(r.success) for runs in by_method.values() for r in runs)
+    starts = list(range(0, longest, settings.block))
+    spans = [(s, min(s + settings.block, longest), f"{s + 1}–{min(s + settings.block, longest)}") for s in starts]
+    spans += [(settings.late_from - 1, None, f"{settings.late_from}–end"), (0, None, "all")]
+    refs = [m for m in REFERENCES if m in by_method]
+    lines = [f"Task {task}: training episodes (successes pooled over seeds; pairs only one run won, reference vs "
+             "this method, and the exact McNemar p)", "",
+             "| episodes | method | seeds | successes | " + " | ".join(f"vs {LABELS[m]}" for m in refs) + " |",
+             "|" + "---|" * (4 + len(refs))]
+    for start, stop, label in spans:
+        for method, runs in by_method.items():
+            wins = [r.success[start:stop] for r in runs]
+            n, s = sum(len(w) for w in wins), int(sum(w.sum() for w in wins))
+            if not n:
+                continue
+            cells = ["–" if m == method else _pair_cell(*paired(by_method[m], runs, start, stop)) for m in refs]
+            lines.append(f"| {label} | {LABELS[method]} | {len(runs)} | {s}/{n} ({_pct(s / n)}) | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def eval_table(task: int, by_method: dict[str, list[Run]]) -> list[str]:
+    lines = [f"Task {task}: final greedy evaluation (pooled over seeds × init states; 95 % Wilson interval)", "",
+             "| method | seeds | successes per seed | pooled | 95 % interval |", "|---|---|---|---|---|"]
+    for method, runs in by_method.items():
+        per_seed = [(sum(bool(e[1]) for e in r.final), len(r.final)) for r in runs]
+        s, n = sum(x for x, _ in per_seed), sum(y for _, y in per_seed)
+        lo, hi = wilson_interval(s, n)
+        lines.append(f"| {LABELS[method]} | {len(runs)} | {', '.join(f'{x}/{y}' for x, y in per_seed)} | "
+                     f"{s}/{n} ({_pct(s / n)}) | {_pct(lo)}–{_pct(hi)} |")
+    return lines
+
+
+def compute_table(runs: list[Run]) -> list[str]:
+    lines = ["| run | episodes | env steps | acting FLOPs | cache FLOPs | update FLOPs | total FLOPs | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r.counters
+        parts = [c["acting_flops"], c["cache_flops"], c["update_flops"] + c.get("actor_update_flops", 0.0)]
+        lines.append(f"| {r.name} | {c['episodes']} | {c['env_steps']} | "
+                     + " | ".join(f"{x:.3g}" for x in parts) + f" | {sum(parts):.3g} | {c['wall_s'] / 60:.1f} min |")
+    return lines
+
+
+def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -> tuple[list[str], list[dict]]:
+    """One row per (task or all tasks, claim), with the numbers and a verdict that follows from them."""
+    m, late = settings.equivalence_margin, settings.late_from - 1
+    lines = [f"Verdicts, on the training episodes from episode {settings.late_from} on (paired by seed and init "
+             "state)", "", "| tasks | claim | numbers | verdict |", "|---|---|---|---|"]
+    rows = []
+    for where, by_method in tasks.items():
+        def pairs(ref: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+            if ref not in by_method or other not in by_method:
+                return np.zeros(0, bool), np.zeros(0, bool)
+            return paired(by_method[ref], by_method[other], late, None)
+
+        x, y = pairs("expo", "faster_expo")
+        if len(x):
+            diff, lo, hi = paired_difference(x, y)
+            numbers = f"FASTER-EXPO − EXPO = {100 * diff:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}], {len(x)} pairs"
+            if -m <= lo and hi <= m:
+                verdict = f"shown: the interval lies within ±{100 * m:.0f} points"
+            elif hi < 0:
+                verdict = "no: FASTER-EXPO is below EXPO"
+            elif lo > 0:
+                verdict = "not shown as equal: FASTER-EXPO is above EXPO"
+            else:
+                verdict = f"not shown: the interval reaches beyond ±{100 * m:.0f} points"
+            lines.append(f"| {where} | FASTER-EXPO ≈ EXPO | {numbers} | {verdict} |")
+            rows.append({"tasks": where, "claim": "faster_expo ≈ expo", "difference": diff, "ci95": [lo, hi],
+                         "pairs": len(x), "verdict": verdict})
+        for method in ("expo", "faster_expo", "faster_idql", "expo_n1"):
+            x, y = pairs("base", method)
+            if not len(x):
+                continue
+            b, c = int((x & ~y).sum()), int((~x & y).sum())
+            p = mcnemar_p(b, c)
+            if p < settings.alpha and c > b:
+                verdict = f"shown (p < {settings.alpha:g})"
+            elif p < settings.alpha:
+                verdict = "no: the base policy is better"
+            else:
+                verdict = f"not shown (p ≥ {settings.alpha:g})"
+            numbers = (f"{int(y.sum())}/{len(y)} vs {int(x.sum())}/{len(x)}; pairs only one won: base {b}, "
+                       f"{LABELS[method]} {c}; p = {p:.2g}")
+            lines.append(f"| {where} | {LABELS[method]} > base | {numbers} | {verdict} |")
+            rows.append({"tasks": where, "claim": f"{method} > base", "only_base": b, "only_method": c, "p": p,
+                         "verdict": verdict})
+    if not rows:
+        lines = [f"No verdict: no run pair (with the base policy or EXPO) has training episodes from episode "
+                 f"{settings.late_from} on."]
+    return lines, rows
+
+
+def plot_task(task: int, by_method: dict[str, list[Run]], out: Path) -> list[Path]:
+    """Success of the last RECENT_EPISODES training episodes against episodes and cumulative FLOPs: mean over
+    seeds, with ± one standard deviation shaded."""
+    written = []
+    for x_name, log_x in (("episodes", False), ("flops", True)):
+        def draw(fig: Any, x_name: str = x_name, log_x: bool = log_x) -> None:
+            ax = fig.add_subplot()
+            for method, runs in by_method.items():
+                n = min(len(r.success) for r in runs)
+                rates = np.array([moving_rate(r.success[:n].astype(float), RECENT_EPISODES) for r in runs])
+                x = np.arange(1, n + 1) if x_name == "episodes" else np.mean([r.flops[:n] for r in runs], axis=0)
+                mean, std = rates.mean(axis=0), rates.std(axis=0)
+                ax.plot(x, mean, label=f"{LABELS[method]} ({len(runs)} seeds)")
+                ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.2)
+            ax.set_xlabel("training episodes" if x_name == "episodes" else "cumulative FLOPs (acting + cache + updates)")
+            ax.set_ylabel(f"success, last {RECENT_EPISODES} training episodes")
+            ax.set_ylim(-0.02, 1.02)
+            if log_x:
+                ax.set_xscale("log")
+            ax.set_title(f"libero_90 task {task}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+
+        path = out / f"task{task}_success_vs_{x_name}.png"
+        atomic_write(path, figure_png(draw, (6.4, 4.2)))
+        written.append(path)
+    return written
+
+
+def render(records: Path, expected: list[dict[str, Any]], settings: ReportSettings) -> tuple[str, dict[str, Any]]:
+    """The report's markdown and numbers from the records alone (deterministic: the same records, the same text)."""
+    runs, problems = load_runs(records, expected)
+    tasks: dict[Any, dict[str, list[Run]]] = {}
+    for run in runs:
+        tasks.setdefault(run.task, {}).setdefault(run.method, []).append(run)
+    lines = [f"Records: {len(runs)} complete of {len(expected)} expected."]
+    if problems:
+        lines += ["", "Not in the tables:", ""] + [f"- {p}" for p in problems]
+    for task, by_method in tasks.items():
+        lines += ["", *block_table(task, by_method, settings), "", *eval_table(task, by_method)]
+    if runs:
+        lines += ["", "Compute per run (FLOPs analytic, from `faster_vla.rl.flops`; wall time of the run's loop)", "",
+                  *compute_table(runs)]
+        pooled: dict[str, list[Run]] = {}
+        for by_method in tasks.values():
+            for method, method_runs in by_method.items():
+                pooled.setdefault(method, []).extend(method_runs)
+        verdict_tasks: dict[Any, dict[str, list[Run]]] = {**tasks, "all": pooled} if len(tasks) > 1 else tasks
+        verdict_lines, verdict_rows = verdicts(verdict_tasks, settings)
+        lines += ["", *verdict_lines]
+    else:
+        verdict_rows = []
+    data = {"expected": expected, "settings": dataclasses.asdict(settings), "complete": [r.name for r in runs],
+            "problems": problems, "verdicts": verdict_rows}
+    return "\n".join(lines) + "\n", data
+
+
+def write_report(records: Path, expected: list[dict[str, Any]], settings: ReportSettings, out: Path,
+                 command: str) -> str:
+    """Writes report.md, report.json and the plots into `out`; returns the markdown."""
+    text, data = render(records, expected, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / REPORT_FILE, text.encode())
+    write_result(out / REPORT_JSON, {"command": command, "records": str(records), **data})
+    tasks: dict[int, dict[str, list[Run]]] = {}
+    for run in load_runs(records, expected)[0]:
+        tasks.setdefault(run.task, {}).setdefault(run.method, []).append(run)
+    for task, by_method in tasks.items():
+        plot_task(task, by_method, out)
+    return text

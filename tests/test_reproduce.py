@@ -1,0 +1,178 @@
+"""benchmarks/reproduce*.py without training: records written by the runner's own writer from small synthetic
+runs, the report regenerated from them alone, its paired statistics against hand-computed values, and clear
+errors for missing, partial, damaged and unpaired records; plus the committed report against its records."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from faster_vla.runs.evaluate import wilson_interval  # noqa: E402
+from faster_vla.runs.loop import episode_init_state  # noqa: E402
+from faster_vla.shared.jsonable import to_jsonable  # noqa: E402
+from reproduce import ReproduceArgs, check_records, grid, main  # noqa: E402
+from reproduce_report import REPORT_FILE, REPORT_JSON, ReportSettings, paired_difference, render  # noqa: E402
+from reproduce_run import LOCK_FILE, dump_record, make_record, run_job  # noqa: E402
+
+# Training outcomes per (method, seed) over 8 episodes; the report's late episodes are 5-8.
+OUTCOMES = {
+    "base": {0: "10100000", 1: "01000000", 2: "00100000"},
+    "expo": {0: "10101111", 1: "01001100", 2: "00100000"},
+    "faster_expo": {0: "10101111", 1: "01001111", 2: "00101100"},
+}
+FINAL = {"base": "10", "expo": "11", "faster_expo": "11"}  # final eval on init states 0, 1, every seed
+
+
+def _args(tmp_path: Path, **overrides) -> ReproduceArgs:
+    fields = dict(out=tmp_path / "runs", records=tmp_path / "records", report_dir=tmp_path / "report", tasks=(20,),
+                  ablations=(), episodes=8, eval_episodes=2, report_only=True,
+                  report=ReportSettings(block=4, late_from=5))
+    return ReproduceArgs(**{**fields, **overrides})
+
+
+def _write_records(args: ReproduceArgs) -> None:
+    """Each run as reproduce_run writes it: a metrics.jsonl in the run folder, then make_record and dump_record."""
+    args.records.mkdir(parents=True, exist_ok=True)
+    for spec in grid(args):
+        outcomes = [int(c) for c in OUTCOMES[spec.method][spec.seed]]
+        spec.config.run_dir.mkdir(parents=True)
+        lines = []
+        for e, success in enumerate(outcomes, start=1):
+            lines.append(json.dumps({"step": e, "logged_at": 1.0, "episodes": e, "env_steps": 100 * e,
+                                     "flops": 1e9 * e, "train/success": float(success), "time_ms/act": 3.0,
+                                     "train/init_state": episode_init_state(spec.seed, e - 1, 50)}))
+        (spec.config.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        counters = {"episodes": 8, "env_steps": 800, "successes": sum(outcomes), "acting_flops": 4e9,
+                    "cache_flops": 3e9, "update_flops": 1e9, "actor_update_flops": 0.0, "wall_s": 90.0}
+        job = {"name": spec.name, "method": spec.method, "task": spec.task, "seed": spec.seed, "command": "test",
+               "config": to_jsonable(spec.config, strict=False)}
+        final = [{"init_state": i, "success": c == "1", "steps": 50} for i, c in enumerate(FINAL[spec.method])]
+        record = make_record(job, spec.config, counters, final)
+        (args.records / f"{spec.name}.json").write_text(dump_record(record))
+
+
+def test_episode_init_states_depend_on_seed_and_episode_only():
+    first = [episode_init_state(0, e, 50) for e in range(20)]
+    assert first == [episode_init_state(0, e, 50) for e in range(20)]
+    assert first != [episode_init_state(1, e, 50) for e in range(20)]
+    assert all(0 <= s < 50 for s in first)
+
+
+def test_report_is_regenerated_identically_with_the_hand_computed_statistics(tmp_path):
+    args = _args(tmp_path)
+    _write_records(args)
+    text = main(args)
+    assert (args.report_dir / REPORT_FILE).read_text() == text
+    assert main(dataclasses.replace(args, report_dir=tmp_path / "again")) == text
+    for name in ("task20_success_vs_episodes.png", "task20_success_vs_flops.png"):
+        assert (args.report_dir / name).stat().st_size > 0
+    assert "Records: 9 complete of 9 expected." in text
+    # A record keeps metrics.jsonl's rows but not its timings.
+    record = json.loads((args.records / "base_task20_seed0.json").read_text())
+    assert "time_ms/act" not in record["metric_columns"] and len(record["metric_rows"]) == 8
+
+    verdicts = {r["claim"]: r for r in json.loads((args.report_dir / REPORT_JSON).read_text())["verdicts"]}
+    # Late episodes: base never succeeds; EXPO wins 4 + 2 + 0 pairs, FASTER-EXPO 4 + 4 + 2.
+    assert (verdicts["expo > base"]["only_base"], verdicts["expo > base"]["only_method"]) == (0, 6)
+    assert verdicts["expo > base"]["p"] == pytest.approx(0.03125)  # 2 · 0.5^6
+    assert verdicts["faster_expo > base"]["p"] == pytest.approx(2 / 2**10)
+    assert verdicts["faster_expo > base"]["verdict"].startswith("shown")
+    # FASTER-EXPO − EXPO over the 12 late pairs: 10/12 − 6/12; its interval excludes 0, so "≈" is not shown.
+    equal = verdicts["faster_expo ≈ expo"]
+    assert equal["difference"] == pytest.approx(4 / 12) and equal["ci95"][0] > 0
+    assert equal["verdict"] == "not shown as equal: FASTER-EXPO is above EXPO"
+    # Block 1-4 of EXPO against base: identical outcomes, no discordant pair.
+    assert "| 1–4 | EXPO | 3 | 4/12 (33 %) | 0 vs 0 (1) | – |" in text
+    assert "| 5–8 | FASTER-EXPO | 3 | 10/12 (83 %) | 0 vs 10 (0.002) | 0 vs 4 (0.12) |" in text
+    # Final eval: base 1 of 2 in each seed, 3/6 pooled; Wilson(3, 6) = 0.188..0.812 by hand.
+    assert "| base π0.5 | 3 | 1/2, 1/2, 1/2 | 3/6 (50 %) | 19 %–81 % |" in text
+    assert wilson_interval(3, 6) == pytest.approx((0.18761, 0.81239), abs=1e-4)
+    assert "| faster_expo_task20_seed2 | 8 | 800 | 4e+09 | 3e+09 | 1e+09 | 8e+09 | 1.5 min |" in text
+
+
+def test_paired_difference_is_newcombes_interval():
+    # Uncorrelated pairs (a·d = b·c): the interval is the two Wilson intervals' square-and-add.
+    ref, other = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)
+    diff, lo, hi = paired_difference(ref, other)
+    low, up = wilson_interval(2, 4)
+    assert diff == 0 and lo == pytest.approx(-math.sqrt(2) * (0.5 - low)) and hi == pytest.approx(math.sqrt(2) * (up - 0.5))
+    # Swapping the runs negates the difference and mirrors the interval.
+    ref, other = np.array([1, 1, 1, 0, 0, 1, 0, 1], bool), np.array([1, 0, 1, 1, 1, 1, 1, 1], bool)
+    d1, lo1, hi1 = paired_difference(ref, other)
+    d2, lo2, hi2 = paired_difference(other, ref)
+    assert d1 == pytest.approx(-d2) and lo1 == pytest.approx(-hi2) and hi1 == pytest.approx(-lo2)
+    assert -1 <= lo1 < d1 < hi1 <= 1
+
+
+def test_missing_partial_damaged_and_unpaired_records_are_reported(tmp_path):
+    args = _args(tmp_path)
+    _write_records(args)
+    expected = [{"name": s.name, "method": s.method, "task": s.task, "seed": s.seed} for s in grid(args)]
+    (args.records / "expo_task20_seed2.json").unlink()
+    partial = args.records / "base_task20_seed1.json"
+    record = json.loads(partial.read_text())
+    record["config"]["episodes"] = 10
+    partial.write_text(dump_record(record))
+    text, data = render(args.records, expected, args.report)
+    assert "Records: 7 complete of 9 expected." in text
+    assert f"- expo_task20_seed2: missing (no {args.records / 'expo_task20_seed2.json'})" in text
+    assert "- base_task20_seed1: partial (8 episodes, 800 env steps; its config asks for more)" in text
+    assert data["problems"] and "| 1–4 | EXPO | 2 |" in text
+
+    damaged = args.records / "faster_expo_task20_seed0.json"
+    good = damaged.read_text()
+    damaged.write_text(good[:200])
+    with pytest.raises(ValueError, match="faster_expo_task20_seed0.json: not a JSON record"):
+        render(args.records, expected, args.report)
+    record = json.loads(good)
+    record["counters"] = []
+    damaged.write_text(dump_record(record))
+    with pytest.raises(ValueError, match="field 'counters' should be a dict, found \\[\\]"):
+        render(args.records, expected, args.report)
+    record = json.loads(good)
+    column = record["metric_columns"].index("train/init_state")
+    record["metric_rows"][0][column] = (record["metric_rows"][0][column] + 1) % 50
+    damaged.write_text(dump_record(record))
+    with pytest.raises(ValueError, match="not paired: episode 1 starts from init state"):
+        render(args.records, expected, args.report)
+
+
+def test_a_record_of_another_grid_is_refused_before_anything_runs(tmp_path):
+    args = _args(tmp_path)
+    _write_records(args)
+    assert check_records(grid(args), args.records) == []
+    with pytest.raises(ValueError, match="(?s)base_task20_seed0.json was made with another config.*episodes: 8 -> 9"):
+        check_records(grid(dataclasses.replace(args, episodes=9)), args.records)
+
+
+def test_a_second_process_on_a_locked_run_stops_before_training(tmp_path):
+    spec = grid(_args(tmp_path))[0]
+    spec.config.run_dir.mkdir(parents=True)
+    job = {"name": spec.name, "config": to_jsonable(spec.config, strict=False)}
+    with open(spec.config.run_dir / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match=f"locked by another process training {spec.name}"):
+            run_job(job)
+    assert not (spec.config.run_dir / "config.json").exists()  # nothing of the run was started
+
+
+def test_the_committed_report_is_regenerated_from_the_committed_records():
+    folder = BENCHMARKS / "results" / "reproduce"
+    if not (folder / REPORT_JSON).is_file():
+        assert not list((folder / "runs").glob("*.json")), (
+            f"{folder / 'runs'} holds records but {folder / REPORT_JSON} is missing: run "
+            "`benchmarks/reproduce.py --report-only` and commit its report with them")
+        pytest.skip(f"no committed reproduction report yet ({folder / REPORT_JSON}): the grid has not been run")
+    stored = json.loads((folder / REPORT_JSON).read_text())
+    text, _ = render(BENCHMARKS.parent / stored["records"], stored["expected"], ReportSettings(**stored["settings"]))
+    assert text == (folder / REPORT_FILE).read_text()
