@@ -277,12 +277,11 @@ class Run:
             env_config = protocol.env_config(self.config.env, self.policy.actor.config.siglip.image_size)
             with open_envs(env_config, workers, self.config.envs) as envs:
                 results = self._episodes(self.eval_selection, envs, episodes, protocol=protocol)
-            self.counters.add_time("eval", time.perf_counter() - start)
-            return float(np.mean([r.success for r in results]))
-        if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
-            self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
-        envs = env if workers == 1 else self._eval_envs
-        results = self._episodes(self.eval_selection, envs, episodes)
+        else:
+            if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
+                self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
+            envs = env if workers == 1 else self._eval_envs
+            results = self._episodes(self.eval_selection, envs, episodes)
         self.last_eval = [r.summary() for r in results]
         self.counters.add_time("eval", time.perf_counter() - start)
         return float(np.mean([r.success for r in results]))
