@@ -118,3 +118,33 @@ def test_a_run_on_ray_actors_matches_local_workers_and_survives_a_killed_actor(t
     assert [r["envs/worker_failures"] for r in ray_records] == [0, 0, 1, 1]  # counted after round 2
     # Round 2 stepped twice (into the dead actor, then the re-run episode), the final evaluation once.
     assert len(killed) == 4
+
+
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")  # ray.init: fork + exec
+def test_eval_on_ray_actors_reports_the_episodes_local_workers_do(tmp_path):
+    """`faster-vla eval --num-workers 2 --envs.backend ray` (a local Ray it starts and stops) writes the report
+    local workers write: the same init states, steps and outcomes (base policy, tiny_a, 10-step episodes)."""
+    import dataclasses
+
+    pytest.importorskip("libero.libero", reason="the LIBERO extra is not installed: pip install -e '.[libero]'")
+    import tyro
+
+    from faster_vla import checkpoints
+    from faster_vla.acting.actor_source import ActorSource
+    from faster_vla.libero.config import EnvsConfig
+    from faster_vla.runs.evaluate import EvalConfig, evaluate
+
+    parsed = tyro.cli(EvalConfig, args=["--envs.backend", "ray", "--num-workers", "2"])
+    assert parsed.envs == EnvsConfig(backend="ray") and parsed.num_workers == 2  # the flags reach the config
+    actor = ActorSource("tiny_a", tokenizer=str(checkpoints.path("pi05_small/tokenizer.model")))
+    config = EvalConfig(actor=actor, tasks=("0",), trials=2, max_steps=10, num_workers=2, output=tmp_path / "l.json")
+    local = evaluate(config, log=lambda *_: None)
+    on_ray = evaluate(dataclasses.replace(config, envs=parsed.envs, output=tmp_path / "r.json"), log=lambda *_: None)
+    assert not ray.is_initialized()  # the evaluation's own local Ray is stopped with its pool
+    assert (local.pop("envs_backend"), on_ray.pop("envs_backend")) == ("local", "ray")  # the report says where
+    assert on_ray["worker_failures"] == local["worker_failures"] == 0
+    for episode_local, episode_ray in zip(local["tasks"]["0"]["episodes"], on_ray["tasks"]["0"]["episodes"]):
+        # Actions agree up to float rounding (another process), so outcomes and lengths are compared, not floats.
+        assert {k: episode_ray[k] for k in ("init_state", "success", "steps")} == \
+            {k: episode_local[k] for k in ("init_state", "success", "steps")}
+    assert [e["init_state"] for e in on_ray["tasks"]["0"]["episodes"]] == [0, 1]

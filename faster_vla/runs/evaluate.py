@@ -3,8 +3,9 @@
 `evaluate` runs `trials` episodes per task on the suite's init states 0..trials-1 (openpi's protocol uses 50)
 under an evaluation protocol (`--protocol`: `chunk`, whole chunks as FASTER trains, or `openpi`, openpi's LIBERO
 client exactly; `faster_vla.libero.config.EvalProtocol`) and writes per-task success, and the protocol, to a
-JSON file atomically; `num_workers > 1` runs them in lockstep over env worker
-processes (`faster_vla.libero.rollout`), with the same per-episode keys. A run's checkpoint acts with the run's
+JSON file atomically; `num_workers > 1` runs them in lockstep over env workers (local processes, or Ray
+actors with `--envs.backend ray`; `faster_vla.libero.rollout`), with the same per-episode keys; a worker that
+fails costs only its episode, which runs again on a replacement. A run's checkpoint acts with the run's
 own selection rule, greedily (its learner's critics and edit policy); the base policy acts with the `base`
 rule, which is exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90
 tasks worth fine-tuning on: those where the base policy scores within [low, high] (40–60 %).
@@ -26,8 +27,8 @@ from faster_vla.acting.agent import Agent
 from faster_vla.rl.learner import Learner
 from faster_vla.runs.loading import load_run, load_trained_actor
 from faster_vla.libero.env import LiberoEnvConfig, check_libero_installed, parse_task, resolve_task
-from faster_vla.libero.config import SUITE_MAX_STEPS, ProtocolName, check_num_workers, get_protocol
-from faster_vla.libero.rollout import init_state_keys, num_init_states, open_envs, run_episodes
+from faster_vla.libero.config import SUITE_MAX_STEPS, EnvsConfig, ProtocolName, check_num_workers, get_protocol
+from faster_vla.libero.rollout import WorkerRecovery, init_state_keys, num_init_states, open_envs, run_episodes
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
 from faster_vla.rl.selection import SelectionConfig
 
@@ -80,6 +81,10 @@ class EvalConfig:
     """Env worker processes stepping episodes in lockstep, the policy acting once per step on all of them (1: one
     env in this process). Each worker needs ~2 GB of RAM; on CPU rendering dominates a step, so use at most
     one worker per free core. Per-episode results are those of 1 worker up to float rounding."""
+    envs: EnvsConfig = EnvsConfig()
+    """Where the env workers run: local processes, or Ray actors on a cluster (--envs.backend ray
+    --envs.ray-address auto; without an address a local Ray is started for this evaluation), and how many worker
+    failures it survives (--envs.max-worker-failures)."""
 
     def __post_init__(self) -> None:
         check_num_workers(self.num_workers)
@@ -150,6 +155,7 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
     `make_acting` builds what acts (default `acting_for`; `faster-vla eval --bundle` passes the bundle's), after
     bad task names and an unwritable output have failed, so they fail before any model is built."""
     check_libero_installed()
+    config.envs.check_available()  # a missing Ray fails here, before any model is built
     tasks = [resolve_task(config.suite, parse_task(t)) for t in config.tasks]  # bad names fail here, first
     ensure_writable_dir(Path(config.output).expanduser().resolve().parent, "output folder")
     acting = (make_acting or acting_for)(config)
@@ -160,14 +166,15 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
     # the policy's input transforms resize to its own size, as openpi's server does.
     protocol = get_protocol(config.protocol)
     image_size = agent.actor.config.siglip.image_size
+    recovery = WorkerRecovery(config.envs.max_worker_failures, log=log)  # over all tasks, as a run counts them
     for task in tasks:
         env_config = protocol.env_config(
             LiberoEnvConfig(suite=config.suite, task=task.task_id, max_steps=config.max_steps, seed=config.seed,
                             render_mode=config.render_mode or "chunk_boundary"), image_size)
-        with open_envs(env_config, min(config.num_workers, config.trials)) as env:
+        with open_envs(env_config, min(config.num_workers, config.trials), config.envs) as env:
             init_states = range(min(config.trials, num_init_states(env)))
             episodes = run_episodes(agent, learner, selection, env, init_state_keys(init_states, jax.random.key(config.seed)),
-                                    protocol=protocol)
+                                    protocol=protocol, recovery=recovery)
         successes = [e.success for e in episodes]
         rate = float(np.mean(successes))
         results[str(task.task_id)] = {"name": task.name, "instruction": task.instruction, "trials": len(successes),
@@ -178,7 +185,8 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
             f"(protocol {protocol.name})")
     report = {"policy": what, "suite": config.suite, "protocol": protocol.record(),
               "max_steps": env_config.episode_max_steps(), "seed": config.seed,
-              "num_workers": config.num_workers, "tasks": results,
+              "num_workers": config.num_workers, "envs_backend": config.envs.backend,
+              "worker_failures": recovery.failures, "tasks": results,
               "mean_success": float(np.mean([r["success_rate"] for r in results.values()]))}
     atomic_write(Path(config.output), (json.dumps(report, indent=2) + "\n").encode())
     return report
