@@ -8,8 +8,8 @@ renders to 224², what its LIBERO client sends; openpi's model-side resize (open
 Our client-side path (`resize_with_pad_pil`, `faster-vla eval --protocol openpi`) must equal openpi_client's
 bit for bit: it calls the same PIL resize. Our model-side path (`resize_with_pad`, the input transforms and the
 env's default resize) runs openpi's float32 XLA program, whose rounding to uint8 can differ by 1 at a value
-within float32 rounding of .5 on another jaxlib or processor (tests/test_image_tools.py): every pixel within 1
-of openpi's and at most 1 in 10,000 off at all.
+within float32 rounding of .5 on another jaxlib or processor: every pixel within 1 of openpi's, and every
+pixel that differs a tie (its float value within 1e-4 of .5).
 """
 
 from __future__ import annotations
@@ -47,12 +47,29 @@ def renders() -> np.ndarray:
     return _generator().inputs()
 
 
-def _assert_close_uint8(out: np.ndarray, expected: np.ndarray) -> None:
+TIE = 1e-4  # |value - .5| of a float32 resize of 0..255 pixels that rounding may send either way (~255 × 2e-7)
+
+
+def _unrounded(images: np.ndarray, size: int) -> np.ndarray:
+    """The float32 values a square uint8 -> size² resize rounds (no padding for square images)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(images, jnp.float32)
+    return np.asarray(jax.image.resize(x, (*x.shape[:-3], size, size, x.shape[-1]), method="linear"))
+
+
+def _assert_close_uint8(out: np.ndarray, expected: np.ndarray, source: np.ndarray) -> None:
+    """Equal to openpi's, except pixels whose float value is a tie (within float32 rounding of .5): another
+    jaxlib may round those either way (jax 0.11.2 rounds 318 of 75,264 pixels of these noise renders at 256² ->
+    112² the other way from the 0.7.1 the goldens were made with, each within 5e-5 of .5)."""
     assert out.dtype == np.uint8 and out.shape == expected.shape
     diff = np.abs(out.astype(np.int16) - expected.astype(np.int16))
     assert diff.max() <= 1, f"max pixel difference {diff.max()} (expected <= 1)"
-    off = int(np.count_nonzero(diff))
-    assert off <= expected.size // 10_000, f"{off} of {expected.size} pixels differ from openpi's"
+    values = _unrounded(source, out.shape[-2])
+    off_ties = np.abs(values - np.floor(values) - 0.5)[diff > 0]
+    assert np.all(off_ties < TIE), f"{int(np.sum(off_ties >= TIE))} pixels differ from openpi's without a tie " \
+                                   f"(float value {off_ties.max():.2e} from .5)"
 
 
 def test_goldens_are_openpis(goldens: dict[str, np.ndarray], renders: np.ndarray) -> None:
@@ -69,10 +86,10 @@ def test_client_side_256_to_224_is_openpi_clients(goldens: dict[str, np.ndarray]
 
 
 def test_model_side_paths_are_openpis(goldens: dict[str, np.ndarray], renders: np.ndarray) -> None:
-    _assert_close_uint8(resize_with_pad(renders, 224, 224), goldens["model_jax/256_to_224"])
-    _assert_close_uint8(resize_with_pad(renders, 112, 112), goldens["model_jax/256_to_112"])
+    _assert_close_uint8(resize_with_pad(renders, 224, 224), goldens["model_jax/256_to_224"], renders)
+    _assert_close_uint8(resize_with_pad(renders, 112, 112), goldens["model_jax/256_to_112"], renders)
     _assert_close_uint8(resize_with_pad(goldens["client_pil/256_to_224"], 112, 112),
-                        goldens["model_jax/client224_to_112"])
+                        goldens["model_jax/client224_to_112"], goldens["client_pil/256_to_224"])
 
 
 def test_openpi_client_path_through_the_policy_inputs(goldens: dict[str, np.ndarray]) -> None:
@@ -83,7 +100,7 @@ def test_openpi_client_path_through_the_policy_inputs(goldens: dict[str, np.ndar
                            "observation/state": np.zeros(8, np.float32), "prompt": "turn on the stove"})
     images = ResizeImages(112, 112)(data)["image"]
     _assert_close_uint8(np.stack([images["base_0_rgb"], images["left_wrist_0_rgb"]]),
-                        goldens["model_jax/client224_to_112"])
+                        goldens["model_jax/client224_to_112"], client)
 
 
 def test_the_two_resizes_differ(goldens: dict[str, np.ndarray]) -> None:
