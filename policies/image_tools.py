@@ -98,6 +98,17 @@ def _resize_with_pad_bhwc(images: jax.Array, height: int, width: int) -> jax.Arr
     )
 
 
+def _needs_resize(images: np.ndarray, height: int, width: int) -> bool:
+    """The checks both resizes share: a positive target, non-empty images; False when already at the target."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    if images.shape[-3:-1] == (height, width):
+        return False
+    if 0 in images.shape[-3:-1]:
+        raise ValueError(f"cannot resize an empty image of shape {images.shape}")
+    return True
+
+
 def resize_with_pad(images: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resizes images [..., h, w, c] to [..., height, width, c] without distortion, padding with black.
 
@@ -110,12 +121,8 @@ def resize_with_pad(images: np.ndarray, height: int, width: int) -> np.ndarray:
         raise ValueError(f"resize_with_pad expects uint8 or float32 images, got dtype {images.dtype}")
     if images.ndim < 3:
         raise ValueError(f"resize_with_pad expects images shaped [..., h, w, c], got shape {images.shape}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"target size must be positive, got {height}x{width}")
-    if images.shape[-3:-1] == (height, width):
+    if not _needs_resize(images, height, width):
         return images
-    if 0 in images.shape[-3:-1]:
-        raise ValueError(f"cannot resize an empty image of shape {images.shape}")
 
     lead_shape = images.shape[:-3]
     flat = images.reshape(-1, *images.shape[-3:])
@@ -148,12 +155,8 @@ def resize_with_pad_pil(images: np.ndarray, height: int, width: int) -> np.ndarr
                          f"{images.dtype}")
     if images.ndim < 3 or images.shape[-1] != 3:
         raise ValueError(f"resize_with_pad_pil expects RGB images shaped [..., h, w, 3], got shape {images.shape}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"target size must be positive, got {height}x{width}")
-    if images.shape[-3:-1] == (height, width):
+    if not _needs_resize(images, height, width):
         return images
-    if 0 in images.shape[-3:-1]:
-        raise ValueError(f"cannot resize an empty image of shape {images.shape}")
     cur_height, cur_width = images.shape[-3:-1]
     ratio = max(cur_width / width, cur_height / height)
     resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
