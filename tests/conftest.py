@@ -57,3 +57,14 @@ def goldens(openpi_fixtures: Path) -> dict:
 
     with np.load(openpi_fixtures / "misc_goldens.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def libero_installed() -> None:
+    """Skips a test where the LIBERO extra is missing or unusable (pip install -e '.[libero]')."""
+    from faster_vla.libero import env as libero_env
+
+    try:
+        libero_env.check_libero_installed()
+    except ImportError as exc:
+        pytest.skip(f"LIBERO extra not usable here: {exc}")

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-from faster_vla.libero import env as libero_env
 from faster_vla.acting.actor_source import ActorSource
 from faster_vla.acting.agent import Agent, Decision
 from faster_vla.libero.env_pool import EnvWorkerError
@@ -33,14 +32,6 @@ from tests.test_agent import CONFIG, _config, _learner, _stats
 # Horizon 4: an episode is chunks of 4, 4 and 2 steps.
 ENV = LiberoEnvConfig(suite="libero_90", task=0, max_steps=10, resolution=64)
 KEY = jax.random.key(7)
-
-
-@pytest.fixture(scope="module")
-def libero_installed() -> None:
-    try:
-        libero_env.check_libero_installed()
-    except ImportError as exc:
-        pytest.skip(f"LIBERO extra not usable here: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -186,16 +186,6 @@ class ScriptedAgent:
         return decisions
 
 
-@pytest.fixture(scope="module")
-def libero_installed() -> None:
-    from faster_vla.libero import env as libero_env
-
-    try:
-        libero_env.check_libero_installed()
-    except ImportError as exc:
-        pytest.skip(f"LIBERO extra not usable here: {exc}")
-
-
 def test_openpi_protocol_steps_the_env_as_openpis_client(libero_installed: None) -> None:
     pytest.importorskip("openpi_client", reason="openpi's client is the reference: pip install --no-deps "
                                                 "openpi-client==0.1.2")

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from faster_vla.libero import env as libero_env
 from faster_vla.libero.experts import (
     EXPERTS,
     ExpertConfig,
@@ -18,14 +17,6 @@ from faster_vla.libero.experts import (
 )
 from faster_vla.libero.env import LiberoEnv, LiberoEnvConfig
 from faster_vla.policies.transforms import LIBERO_STATE_KEY, LIBERO_WRIST_IMAGE_KEY
-
-
-@pytest.fixture(scope="module")
-def libero_installed() -> None:
-    try:
-        libero_env.check_libero_installed()
-    except ImportError as exc:
-        pytest.skip(f"LIBERO extra not usable here: {exc}")
 
 
 def _rot(axis: np.ndarray, angle: float) -> np.ndarray:

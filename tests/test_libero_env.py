@@ -35,14 +35,6 @@ CHUNK = 10
 
 
 @pytest.fixture(scope="module")
-def libero_installed() -> None:
-    try:
-        libero_env.check_libero_installed()
-    except ImportError as exc:
-        pytest.skip(f"LIBERO extra not usable here: {exc}")
-
-
-@pytest.fixture(scope="module")
 def env(libero_installed: None):
     with LiberoEnv(LiberoEnvConfig(suite="libero_90", task=0, render_mode="chunk_boundary")) as env:
         yield env
