@@ -96,11 +96,14 @@ def read_record(path: Path) -> Run:
     if (data["format"], data["version"]) != (RECORD_FORMAT, RECORD_VERSION):
         raise ValueError(f"{path}: format {data['format']!r} version {data['version']}, expected {RECORD_FORMAT!r} "
                          f"version {RECORD_VERSION}")
-    columns = data["metric_columns"]
+    # Text columns (e.g. eval/protocol, which names the protocol an eval used) are not curves: left out.
+    text = {i for row in data["metric_rows"] for i, v in enumerate(row) if isinstance(v, str)}
+    columns = [c for i, c in enumerate(data["metric_columns"]) if i not in text]
     for key in ("episodes", "env_steps", "flops", "train/success", "train/init_state"):
         if key not in columns:
             raise ValueError(f"{path}: metric_columns lacks {key!r}")
-    rows = np.array([[math.nan if v is None else v for v in row] for row in data["metric_rows"]], float)
+    rows = np.array([[math.nan if v is None else v for i, v in enumerate(row) if i not in text]
+                     for row in data["metric_rows"]], float)
     rows = rows.reshape(-1, len(columns))
     col = {k: rows[:, i] for i, k in enumerate(columns)}
     if not np.array_equal(col["episodes"], np.arange(1, len(rows) + 1)):

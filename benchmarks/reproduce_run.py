@@ -102,8 +102,8 @@ def make_record(job: dict[str, Any], config: TrainConfig, counters: dict[str, An
     if len(rows) != counters["episodes"]:
         raise ValueError(f"{config.run_dir / METRICS_FILE} holds {len(rows)} training episodes, the run's counters "
                          f"{counters['episodes']}: the log does not match the checkpoint")
-    columns = sorted({k for r in rows for k in r
-                      if k not in DROPPED_METRICS and not k.startswith(DROPPED_PREFIXES)})
+    columns = sorted({k for r in rows for k in r if k not in DROPPED_METRICS
+                      and not k.startswith(DROPPED_PREFIXES) and not isinstance(r[k], str)})  # numbers only
     final = [[int(e["init_state"]), bool(e["success"]), int(e["steps"])] for e in eval_episodes]
     return {"format": RECORD_FORMAT, "version": RECORD_VERSION,
             **{k: job[k] for k in ("name", "method", "task", "seed", "command")}, "cpu": cpu_model(),
