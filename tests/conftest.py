@@ -1,40 +1,42 @@
-"""Shared pytest fixtures, and the `own_process` marker. Golden fixtures live in the steering repo's shared/
-folder, next to this repo."""
+"""Shared pytest fixtures. Golden fixtures live in the steering repo's shared/ folder, next to this repo."""
 
-import os
-import subprocess
-import sys
+import gc
 from pathlib import Path
 
 import pytest
 
-OWN_PROCESS_ENV = "FASTER_VLA_TEST_OWN_PROCESS"  # set in the child that runs an `own_process` test
+
+def memory_map_count() -> int:
+    """Memory regions this process has mapped (lines of /proc/self/maps); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Runs a test marked `own_process` in a fresh Python process (pytest on that one test) and reports its outcome.
+def release_compiled_programs() -> None:
+    """Drops every executable jax has cached (`jax.clear_caches`) and collects what held them.
 
-    Why: XLA 0.7.1 (the pinned stack) has aborted or segfaulted while compiling inside a pytest worker that had
-    already compiled a few hundred programs of other tests: the ResNet-encoder run of test_train_options, in CI
-    and in a one-process replay of that worker's 186 tests, each time in `backend_compile_and_load` during the
-    resumed run. Alone, and on jax 0.11.2, the same test passes. A fresh process is what a user's run is.
+    Why: XLA:CPU maps about 3 memory regions per loaded executable and unmaps them only when the executable is
+    freed, while jax's jit caches keep every executable alive for the life of the process. A pytest worker that
+    ran a few hundred tests held ~58,000 regions (measured in a one-process replay of a CI worker's 187 tests),
+    close to Linux's default `vm.max_map_count` of 65,530; past it the next mmap fails and XLA 0.7.1 aborted or
+    segfaulted inside `backend_compile_and_load` (CI, stops 21 and 22, a different test each time). A user's
+    run compiles its few programs once and stays far below the limit; a test process compiles thousands.
     """
-    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(OWN_PROCESS_ENV):
-        return None  # the usual call
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
-           "--no-header", "-rfEs", pyfuncitem.nodeid]
-    proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, **{OWN_PROCESS_ENV: "1"}), capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"{pyfuncitem.nodeid} failed in its own process (exit {proc.returncode}):\n"
-                    f"{(proc.stdout + proc.stderr)[-6000:]}", pytrace=False)
-    if " passed" not in proc.stdout:
-        if " skipped" in proc.stdout:
-            reasons = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
-            pytest.skip(f"in its own process: {reasons[-1] if reasons else proc.stdout[-500:]}")
-        pytest.fail(f"{pyfuncitem.nodeid} did not pass in its own process:\n{proc.stdout[-3000:]}", pytrace=False)
-    return True
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs_after_each_module():
+    """After each test module, its compiled programs are released (see `release_compiled_programs`): tests in
+    one module share their programs; later modules recompile what they need."""
+    yield
+    release_compiled_programs()
 
 
 @pytest.fixture(scope="session")

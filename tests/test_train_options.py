@@ -142,7 +142,6 @@ def test_filtering_mdp_acts_stores_updates_evaluates_and_resumes(tmp_path):
     _evaluate_checkpoint(config, tmp_path / "eval.json")
 
 
-@pytest.mark.own_process  # XLA 0.7.1 has crashed compiling it late in a busy worker (tests/conftest.py)
 def test_image_encoder_stores_uint8_images_updates_and_resumes(tmp_path):
     from faster_vla.rl.batches import to_learner_batch
     from faster_vla.runs.checkpoint import RunCheckpointer
