@@ -95,6 +95,18 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
                       log=lambda *_: None)
     assert report["policy"].startswith(f"run {run_dir}") and "faster" in report["policy"]
     assert json.loads((tmp_path / "e.json").read_text())["tasks"]["0"]["trials"] == 1
+    assert report["selection"]["rule"] == "faster" and report["selection"]["temperature"] == 0.0
+    acting = report["tasks"]["0"]["acting"]
+    assert acting["decisions"] == 1 and acting["flops"] == report["flops_per_decision"]  # one 10-step chunk
+    assert acting["ms_per_decision"]["total"] > 0
+    # Selection in isolation: the same checkpoint's critics, another rule and N (EXPO's best-of-2).
+    other = evaluate(EvalConfig(run_dir=run_dir, tasks=("0",), trials=1, max_steps=10, rule="best_of_n",
+                                num_candidates=2, output=tmp_path / "e2.json"), log=lambda *_: None)
+    assert other["selection"]["rule"] == "best_of_n" and other["selection"]["num_candidates"] == 2
+    assert "acting by best_of_n over N = 2" in other["policy"]
+    by_part, faster_part = other["flops_per_decision_by_part"], report["flops_per_decision_by_part"]
+    assert by_part["prefix"] == faster_part["prefix"]  # one prefix, shared by the candidates
+    assert by_part["denoise"] == 2 * faster_part["denoise"] and by_part["noise_critic"] == 0
     # ... and so does its exported bundle, with the same rule.
     from faster_vla.launch.evaluate import bundle_acting
     from faster_vla.serving.bundle import export_bundle
@@ -160,6 +172,12 @@ def test_bad_inputs_fail_before_anything_expensive(tmp_path):
         _config(tmp_path / "d", window_starts="step")
     with pytest.raises(ValueError, match="rule"):
         SelectionConfig("fastest")
+    with pytest.raises(ValueError, match="--rule faster .* needs --run-dir or --bundle"):
+        EvalConfig(rule="faster")
+    with pytest.raises(ValueError, match="--num-candidates must be >= 1, got 0"):
+        EvalConfig(run_dir=tmp_path, num_candidates=0)
+    with pytest.raises(ValueError, match="--rule must be one of"):
+        EvalConfig(run_dir=tmp_path, rule="fastest")
     with pytest.raises(FileNotFoundError, match="--resume"):
         train(_config(tmp_path / "e", resume=True))
     not_a_dir = tmp_path / "file"

@@ -6,16 +6,18 @@ client exactly; `faster_vla.libero.config.EvalProtocol`) and writes per-task suc
 JSON file atomically; `num_workers > 1` runs them in lockstep over env workers (local processes, or Ray
 actors with `--envs.backend ray`; `faster_vla.libero.rollout`), with the same per-episode keys; a worker that
 fails costs only its episode, which runs again on a replacement. A run's checkpoint acts with the run's
-own selection rule, greedily (its learner's critics and edit policy); the base policy acts with the `base`
-rule, which is exactly `Policy.infer`. `select_tasks` is the paper's protocol for picking held-out libero_90
-tasks worth fine-tuning on: those where the base policy scores within [low, high] (40–60 %).
+own selection rule, greedily (its learner's critics and edit policy), or by another rule and N on the same
+critics (`--rule`, `--num-candidates`: selection in isolation, test-time scaling); the base policy acts with
+the `base` rule, which is exactly `Policy.infer`. Reports carry each decision's FLOPs and acting time.
+`select_tasks` is the paper's protocol for picking held-out libero_90 tasks worth fine-tuning on: those where
+the base policy scores within [low, high] (40–60 %).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +30,10 @@ from faster_vla.rl.learner import Learner
 from faster_vla.runs.loading import load_run, load_trained_actor
 from faster_vla.libero.env import LiberoEnvConfig, check_libero_installed, parse_task, resolve_task
 from faster_vla.libero.config import SUITE_MAX_STEPS, EnvsConfig, ProtocolName, check_num_workers, get_protocol
-from faster_vla.libero.rollout import WorkerRecovery, init_state_keys, num_init_states, open_envs, run_episodes
+from faster_vla.libero.rollout import (Trajectory, WorkerRecovery, init_state_keys, num_init_states, open_envs,
+                                      run_episodes)
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
-from faster_vla.rl.selection import SelectionConfig
+from faster_vla.rl.selection import RULES, Rule, SelectionConfig
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -56,6 +59,11 @@ class EvalConfig:
     """An exported bundle (`faster-vla export`): evaluate it with its selection rule (greedy)."""
     checkpoint: Literal["best", "latest"] = "best"
     """Which of the run's checkpoints: best by eval success (falls back to latest), or latest."""
+    rule: Rule | None = None
+    """Act by this selection rule instead of the run's or bundle's own, with the same critics and edit policy
+    (greedy): selection in isolation. Every run trains Q^dn and Q^a, whatever rule it trained with. None: theirs."""
+    num_candidates: int | None = None
+    """Seeds N per decision instead of the run's or bundle's (test-time scaling). None: theirs."""
     suite: str = "libero_90"
     """Task suite."""
     tasks: tuple[str, ...] = ("0",)
@@ -94,6 +102,14 @@ class EvalConfig:
             raise ValueError("give at least one task (--tasks 0 1 ... or task names)")
         if self.run_dir is not None and self.bundle is not None:
             raise ValueError("--run-dir and --bundle both name the policy to evaluate: pass one")
+        if self.rule is not None and self.rule not in RULES:
+            raise ValueError(f"--rule must be one of {list(RULES)}, got {self.rule!r}")
+        if self.run_dir is None and self.bundle is None and (self.rule not in (None, "base")
+                                                             or self.num_candidates is not None):
+            raise ValueError(f"--rule {self.rule} / --num-candidates {self.num_candidates}: the base policy has no "
+                             "critics and acts on one seed; choosing among seeds needs --run-dir or --bundle")
+        if self.num_candidates is not None and self.num_candidates < 1:
+            raise ValueError(f"--num-candidates must be >= 1, got {self.num_candidates}")
         protocol = get_protocol(self.protocol)
         if protocol.render_mode is not None and self.render_mode not in (None, protocol.render_mode):
             raise ValueError(f"--protocol {self.protocol} renders {protocol.render_mode}, as openpi's client does; "
@@ -118,6 +134,17 @@ class SelectTasksConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.low <= self.high <= 1.0:
             raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+
+
+def acting_cost(episodes: Sequence[Trajectory], flops_per_decision: float) -> dict[str, Any]:
+    """Decisions, acting FLOPs and acting wall time per decision of a task's episodes. The time is the median over
+    episodes of each one's mean per decision, so the first episode's compilation does not count; with
+    num_workers > 1 a decision's time is its whole batch's (`Agent.act_batch`)."""
+    decisions = [round(e.acting_flops / flops_per_decision) if flops_per_decision else 0 for e in episodes]
+    per_episode = [{part: ms / n for part, ms in e.timing_ms.items()} for e, n in zip(episodes, decisions) if n]
+    parts = sorted({part for times in per_episode for part in times})
+    return {"decisions": int(sum(decisions)), "flops": float(sum(e.acting_flops for e in episodes)),
+            "ms_per_decision": {part: float(np.median([t.get(part, 0.0) for t in per_episode])) for part in parts}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +187,16 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
     ensure_writable_dir(Path(config.output).expanduser().resolve().parent, "output folder")
     acting = (make_acting or acting_for)(config)
     agent, learner, selection, what = acting.agent, acting.learner, acting.selection, acting.description
+    if config.rule is not None or config.num_candidates is not None:
+        schedule = None if agent.config is None else agent.config.filter_schedule
+        if schedule is not None and config.num_candidates not in (None, schedule.num_candidates):
+            raise ValueError(f"--num-candidates {config.num_candidates}: this policy's critics filter "
+                             f"{schedule.num_candidates} seeds over several denoising steps (its filter schedule), "
+                             "a count they were trained for; drop --num-candidates")
+        selection = dataclasses.replace(selection, rule=config.rule or selection.rule,
+                                        num_candidates=config.num_candidates or selection.num_candidates)
+        what = f"{what}, acting by {selection.rule} over N = {selection.num_candidates}"
+    per_decision = agent.decision_flops(learner, selection)  # a rule without the critics it needs fails here
     results: dict[str, Any] = {}
     # chunk: camera images reach the policy at its own input size (resize-with-pad in the env, as the built-in
     # model's demonstrations were recorded), not resized twice; openpi: at openpi's client's 224² (PIL), which
@@ -180,10 +217,13 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = print,
         results[str(task.task_id)] = {"name": task.name, "instruction": task.instruction, "trials": len(successes),
                                       "successes": int(sum(successes)), "success_rate": rate,
                                       "ci95": wilson_interval(int(sum(successes)), len(successes)),
+                                      "acting": acting_cost(episodes, per_decision.total),
                                       "episodes": [e.summary() for e in episodes]}
         log(f"{what}: {config.suite} task {task.task_id} ({task.name}): {rate:.0%} of {len(successes)} "
             f"(protocol {protocol.name})")
     report = {"policy": what, "suite": config.suite, "protocol": protocol.record(),
+              "selection": dataclasses.asdict(selection), "flops_per_decision": per_decision.total,
+              "flops_per_decision_by_part": dataclasses.asdict(per_decision),
               "max_steps": env_config.episode_max_steps(), "seed": config.seed,
               "num_workers": config.num_workers, "envs_backend": config.envs.backend,
               "worker_failures": recovery.failures, "tasks": results,

@@ -1,0 +1,79 @@
+"""benchmarks/selection_eval.py without evaluating: which cells it plans from the grid's folders and records,
+and its report (paired McNemar against the base rule, refusal of unpaired cells) from synthetic cells shaped
+like `faster-vla eval` reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from compare_runs import mcnemar_p  # noqa: E402
+from selection_eval import SelectionEvalArgs, cells, report  # noqa: E402
+
+
+def _run_folder(root: Path, name: str, n: int) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"selection": {"rule": "faster", "num_candidates": n},
+                                                 "env": {"suite": "libero_90", "task": 20, "max_steps": 200}}))
+    return run
+
+
+def _cell(out: Path, kind: str, run: str, rule: str, n: int, wins: str, flops: float, states=None) -> None:
+    states = list(range(len(wins))) if states is None else states
+    report = {"cell": {"kind": kind, "run": run, "rule": rule, "n": n}, "flops_per_decision": flops,
+              "flops_per_decision_by_part": {"prefix": 10, "denoise": 5 * n, "noise_critic": 0, "chunk_critic": 0,
+                                             "edit": 0},
+              "tasks": {"20": {"acting": {"ms_per_decision": {"total": 3.0 * n}},
+                               "episodes": [{"init_state": s, "success": w == "1", "steps": 10}
+                                            for s, w in zip(states, wins)]}}}
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "cells" / f"{run}__{rule}_n{n}.json").write_text(json.dumps(report))
+
+
+def test_cells_come_from_finished_runs_with_their_own_n(tmp_path):
+    root, records = tmp_path / "runs", tmp_path / "records"
+    records.mkdir()
+    for name in ("faster_expo_task20_seed0", "expo_task20_seed0", "base_task20_seed0", "faster_expo_task33_seed0"):
+        _run_folder(root, name, n=8)
+    for name in ("faster_expo_task20_seed0", "expo_task20_seed0", "base_task20_seed0"):  # task 33: unfinished
+        (records / f"{name}.json").write_text("{}")
+    args = SelectionEvalArgs(runs_root=root, records=records, rules=("base", "faster"), scaling_n=(1, 4))
+    planned = [(c.kind, c.run_dir.name, c.rule, c.n) for c in cells(args)]
+    assert planned == [("isolation", "expo_task20_seed0", "base", 1), ("isolation", "expo_task20_seed0", "faster", 8),
+                       ("isolation", "faster_expo_task20_seed0", "base", 1),
+                       ("isolation", "faster_expo_task20_seed0", "faster", 8),
+                       ("scaling", "faster_expo_task20_seed0", "faster", 1),
+                       ("scaling", "faster_expo_task20_seed0", "faster", 4),
+                       ("scaling", "faster_expo_task20_seed0", "best_of_n", 1),
+                       ("scaling", "faster_expo_task20_seed0", "best_of_n", 4)]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        cells(SelectionEvalArgs(runs=(tmp_path / "nowhere",), records=records))
+    with pytest.raises(ValueError, match="--scaling-n must all be >= 1"):
+        SelectionEvalArgs(scaling_n=(0, 2))
+
+
+def test_report_pairs_every_rule_with_base_on_the_same_states(tmp_path):
+    out, run = tmp_path / "sel", "faster_expo_task20_seed0"
+    _cell(out, "isolation", run, "base", 1, "1100100000", 1e9)
+    _cell(out, "isolation", run, "faster", 8, "1011111100", 1.2e9)  # only base: 1, only faster: 5
+    _cell(out, "scaling", run, "best_of_n", 4, "1111000000", 4e9)
+    _cell(out, "scaling", run, "best_of_n", 1, "1000000000", 1e9)
+    result = report(SelectionEvalArgs(out=out, trials=10))
+    faster = next(r for r in result["isolation"] if r["rule"] == "faster")
+    assert faster["successes"] == 7 and faster["vs_base"] == {"only_base": 1, "only_this": 5, "p": mcnemar_p(1, 5)}
+    assert "vs_base" not in next(r for r in result["isolation"] if r["rule"] == "base")
+    assert [(r["rule"], r["n"]) for r in result["scaling"]] == [("best_of_n", 1), ("best_of_n", 4)]
+    text = (out / "report.md").read_text()
+    assert f"| {run} | faster | 8 | 7/10 |" in text and f"1 / 5 ({mcnemar_p(1, 5):.2g})" in text
+    assert (out / "scaling.png").stat().st_size > 0
+
+    _cell(out, "isolation", run, "idql", 8, "1111111111", 1e10, states=list(range(1, 11)))
+    with pytest.raises(ValueError, match="different init states"):
+        report(SelectionEvalArgs(out=out, trials=10))
