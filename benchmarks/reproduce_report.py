@@ -3,8 +3,9 @@
 Per task: training-episode success per block of episodes with the paired comparisons against the base policy
 and against EXPO (exact McNemar on the pairs only one run won; runs with the same task and seed start episode
 i from the same init state, which is checked here), the final greedy evaluation pooled over seeds × init
-states with 95 % Wilson intervals, the FLOPs (acting, cache, updates) and wall time of every run, and a
-verdict per claim that follows from those numbers:
+states with 95 % Wilson intervals, the FLOPs (acting, cache, updates) and wall time (acting, simulator, updates)
+of every run, each method's cost over EXPO's on the same task and seed, and a verdict per claim that follows
+from those numbers:
 
 - "FASTER-EXPO ≈ EXPO": the paired difference in success over the late training episodes (from
   `late_from` on) with its 95 % interval (Newcombe's hybrid score interval for paired proportions, built on
@@ -222,15 +223,55 @@ def eval_table(task: int, by_method: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def _stage_s(counters: dict[str, Any], *stages: str) -> float:
+    return sum(counters.get("time_s", {}).get(s, 0.0) for s in stages)
+
+
+ENV_STAGES = ("physics", "rendering", "reset")  # the simulator's share of a run's wall time
+
+
 def compute_table(runs: list[Run]) -> list[str]:
-    lines = ["| run | episodes | env steps | acting FLOPs | cache FLOPs | update FLOPs | total FLOPs | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+    """FLOPs by part and wall time by stage per run: on CPU the simulator's stages can outweigh the model's, which
+    the FLOPs alone would hide."""
+    lines = ["| run | episodes | env steps | acting FLOPs | cache FLOPs | update FLOPs | total FLOPs | wall time | "
+             "acting / env / updates |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c = r.counters
         parts = [c["acting_flops"], c["cache_flops"], c["update_flops"] + c.get("actor_update_flops", 0.0)]
+        stages = [_stage_s(c, "acting"), _stage_s(c, *ENV_STAGES), _stage_s(c, "cache", "update", "actor_update")]
         lines.append(f"| {r.name} | {c['episodes']} | {c['env_steps']} | "
-                     + " | ".join(f"{x:.3g}" for x in parts) + f" | {sum(parts):.3g} | {c['wall_s'] / 60:.1f} min |")
+                     + " | ".join(f"{x:.3g}" for x in parts) + f" | {sum(parts):.3g} | {c['wall_s'] / 60:.1f} min | "
+                     + " / ".join(f"{x / 60:.1f}" for x in stages) + " min |")
     return lines
+
+
+def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Each trained method's cost over EXPO's on the same task and seed: total and acting FLOPs, acting seconds per
+    env step (the part selection changes) and wall time; the mean ratio and its range over the pairs."""
+    keys = {"total FLOPs": lambda c: c["acting_flops"] + c["cache_flops"] + c["update_flops"]
+            + c.get("actor_update_flops", 0.0),
+            "acting FLOPs": lambda c: c["acting_flops"],
+            "acting s per env step": lambda c: _stage_s(c, "acting") / max(c["env_steps"], 1),
+            "wall time": lambda c: c["wall_s"]}
+    lines = ["| tasks | method | pairs | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    rows = []
+    for where, by_method in tasks.items():
+        expo = {(r.task, r.seed): r for r in by_method.get("expo", [])}
+        for method, method_runs in by_method.items():
+            if method in ("base", "expo"):
+                continue
+            pairs = [(r.counters, expo[r.task, r.seed].counters) for r in method_runs if (r.task, r.seed) in expo]
+            if not pairs:
+                continue
+            row: dict[str, Any] = {"tasks": where, "method": method, "pairs": len(pairs)}
+            cells = []
+            for name, value in keys.items():
+                ratios = np.array([value(mine) / value(ref) for mine, ref in pairs])
+                row[name] = {"mean": float(ratios.mean()), "min": float(ratios.min()), "max": float(ratios.max())}
+                cells.append(f"{ratios.mean():.2f}× ({ratios.min():.2f}–{ratios.max():.2f})")
+            lines.append(f"| {where} | {LABELS[method]} | {len(pairs)} | " + " | ".join(cells) + " |")
+            rows.append(row)
+    return (lines if rows else []), rows
 
 
 def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -> tuple[list[str], list[dict]]:
@@ -331,12 +372,16 @@ def render(records: Path, expected: list[dict[str, Any]], settings: ReportSettin
             for method, method_runs in by_method.items():
                 pooled.setdefault(method, []).extend(method_runs)
         verdict_tasks: dict[Any, dict[str, list[Run]]] = {**tasks, "all": pooled} if len(tasks) > 1 else tasks
+        ratio_lines, ratio_rows = cost_ratios(verdict_tasks)
+        if ratio_lines:
+            lines += ["", "Cost over EXPO's on the same task and seed (mean ratio over seeds, range)", "",
+                      *ratio_lines]
         verdict_lines, verdict_rows = verdicts(verdict_tasks, settings)
         lines += ["", *verdict_lines]
     else:
-        verdict_rows = []
+        verdict_rows, ratio_rows = [], []
     data = {"expected": expected, "settings": dataclasses.asdict(settings), "complete": [r.name for r in runs],
-            "problems": problems, "verdicts": verdict_rows}
+            "problems": problems, "cost_vs_expo": ratio_rows, "verdicts": verdict_rows}
     return "\n".join(lines) + "\n", data
 
 

@@ -52,8 +52,13 @@ def _write_records(args: ReproduceArgs) -> None:
                                      "flops": 1e9 * e, "train/success": float(success), "time_ms/act": 3.0,
                                      "train/init_state": episode_init_state(spec.seed, e - 1, 50)}))
         (spec.config.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        counters = {"episodes": 8, "env_steps": 800, "successes": sum(outcomes), "acting_flops": 4e9,
-                    "cache_flops": 3e9, "update_flops": 1e9, "actor_update_flops": 0.0, "wall_s": 90.0}
+        # FASTER-EXPO acts at half EXPO's FLOPs and seconds; its run takes 72 s of wall time against 90.
+        faster = spec.method == "faster_expo"
+        counters = {"episodes": 8, "env_steps": 800, "successes": sum(outcomes),
+                    "acting_flops": 2e9 if faster else 4e9, "cache_flops": 3e9, "update_flops": 1e9,
+                    "actor_update_flops": 0.0, "wall_s": 72.0 if faster else 90.0,
+                    "time_s": {"acting": 12.0 if faster else 24.0, "physics": 20.0, "rendering": 30.0, "reset": 10.0,
+                               "cache": 1.0, "update": 5.0}}
         job = {"name": spec.name, "method": spec.method, "task": spec.task, "seed": spec.seed, "command": "test",
                "config": to_jsonable(spec.config, strict=False)}
         final = [{"init_state": i, "success": c == "1", "steps": 50} for i, c in enumerate(FINAL[spec.method])]
@@ -97,7 +102,14 @@ def test_report_is_regenerated_identically_with_the_hand_computed_statistics(tmp
     # Final eval: base 1 of 2 in each seed, 3/6 pooled; Wilson(3, 6) = 0.188..0.812 by hand.
     assert "| base π0.5 | 3 | 1/2, 1/2, 1/2 | 3/6 (50 %) | 19 %–81 % |" in text
     assert wilson_interval(3, 6) == pytest.approx((0.18761, 0.81239), abs=1e-4)
-    assert "| faster_expo_task20_seed2 | 8 | 800 | 4e+09 | 3e+09 | 1e+09 | 8e+09 | 1.5 min |" in text
+    # Compute: 72 s of wall time, of which 12 s acting, 60 s in the simulator, 6 s cache and updates.
+    assert ("| faster_expo_task20_seed2 | 8 | 800 | 2e+09 | 3e+09 | 1e+09 | 6e+09 | 1.2 min | 0.2 / 1.0 / 0.1 min |"
+            in text)
+    # Over EXPO's run of the same seed: 6e9 / 8e9 FLOPs, 2e9 / 4e9 acting FLOPs, 12 / 24 acting s, 72 / 90 s wall.
+    assert ("| 20 | FASTER-EXPO | 3 | 0.75× (0.75–0.75) | 0.50× (0.50–0.50) | 0.50× (0.50–0.50) | 0.80× (0.80–0.80) |"
+            in text)
+    (ratios,) = json.loads((args.report_dir / REPORT_JSON).read_text())["cost_vs_expo"]
+    assert ratios["total FLOPs"]["mean"] == pytest.approx(0.75) and ratios["wall time"]["max"] == pytest.approx(0.8)
 
 
 def test_paired_difference_is_newcombes_interval():
