@@ -230,6 +230,12 @@ def _stage_s(counters: dict[str, Any], *stages: str) -> float:
 ENV_STAGES = ("physics", "rendering", "reset")  # the simulator's share of a run's wall time
 
 
+def _flops_parts(counters: dict[str, Any]) -> list[float]:
+    """Acting, frozen-actor cache and update (critics + actor) FLOPs of a run."""
+    return [counters["acting_flops"], counters["cache_flops"],
+            counters["update_flops"] + counters.get("actor_update_flops", 0.0)]
+
+
 def compute_table(runs: list[Run]) -> list[str]:
     """FLOPs by part and wall time by stage per run: on CPU the simulator's stages can outweigh the model's, which
     the FLOPs alone would hide."""
@@ -237,7 +243,7 @@ def compute_table(runs: list[Run]) -> list[str]:
              "acting / env / updates |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c = r.counters
-        parts = [c["acting_flops"], c["cache_flops"], c["update_flops"] + c.get("actor_update_flops", 0.0)]
+        parts = _flops_parts(c)
         stages = [_stage_s(c, "acting"), _stage_s(c, *ENV_STAGES), _stage_s(c, "cache", "update", "actor_update")]
         lines.append(f"| {r.name} | {c['episodes']} | {c['env_steps']} | "
                      + " | ".join(f"{x:.3g}" for x in parts) + f" | {sum(parts):.3g} | {c['wall_s'] / 60:.1f} min | "
@@ -248,8 +254,7 @@ def compute_table(runs: list[Run]) -> list[str]:
 def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Each trained method's cost over EXPO's on the same task and seed: total and acting FLOPs, acting seconds per
     env step (the part selection changes) and wall time; the mean ratio and its range over the pairs."""
-    keys = {"total FLOPs": lambda c: c["acting_flops"] + c["cache_flops"] + c["update_flops"]
-            + c.get("actor_update_flops", 0.0),
+    keys = {"total FLOPs": lambda c: sum(_flops_parts(c)),
             "acting FLOPs": lambda c: c["acting_flops"],
             "acting s per env step": lambda c: _stage_s(c, "acting") / max(c["env_steps"], 1),
             "wall time": lambda c: c["wall_s"]}
