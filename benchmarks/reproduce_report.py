@@ -11,6 +11,8 @@ from those numbers:
   `late_from` on) with its 95 % interval (Newcombe's hybrid score interval for paired proportions, built on
   the Wilson intervals); shown when the interval lies within ±`equivalence_margin`.
 - "M > base": the exact McNemar test over the same late episodes; shown when p < `alpha` and M won more pairs.
+- Over all tasks pooled, a claim's verdict stands only where every task's verdict agrees; otherwise the row says
+  "mixed" and names each task's, since pooling a task that fails with one that passes can look like a pass.
 
 Each paired episode counts as one observation (the seeds' spread is in the per-seed columns). Writes
 `report.md` (the tables, reproduced byte for byte from the same records), `report.json` (the numbers and
@@ -279,12 +281,40 @@ def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list
     return (lines if rows else []), rows
 
 
+def _equivalence_verdict(lo: float, hi: float, m: float) -> tuple[str, str]:
+    """(kind, words) of "FASTER-EXPO ≈ EXPO" from the difference's 95 % interval [lo, hi] and the margin m."""
+    if -m <= lo and hi <= m:
+        return "shown", f"shown: the interval lies within ±{100 * m:.0f} points"
+    if hi < 0:
+        return "no", "no: FASTER-EXPO is below EXPO"
+    if lo > 0:
+        return "above", "not shown as equal: FASTER-EXPO is above EXPO"
+    return "not shown", f"not shown: the interval reaches beyond ±{100 * m:.0f} points"
+
+
+def _better_verdict(only_base: int, only_method: int, p: float, alpha: float) -> tuple[str, str]:
+    """(kind, words) of "M > base" from the McNemar counts and p-value."""
+    if p < alpha and only_method > only_base:
+        return "shown", f"shown (p < {alpha:g})"
+    if p < alpha:
+        return "no", "no: the base policy is better"
+    return "not shown", f"not shown (p ≥ {alpha:g})"
+
+
 def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -> tuple[list[str], list[dict]]:
-    """One row per (task or all tasks, claim), with the numbers and a verdict that follows from them."""
+    """One row per (task or all tasks, claim), with the numbers and a verdict that follows from them.
+
+    A pooled ("all") verdict stands only where every task's verdict on that claim is the same: pooling a task
+    where a claim holds with one where it fails can put the pooled interval inside the margin and hide the
+    failure, so such a row says "mixed" and names each task's verdict.
+    """
     m, late = settings.equivalence_margin, settings.late_from - 1
     lines = [f"Verdicts, on the training episodes from episode {settings.late_from} on (paired by seed and init "
              "state)", "", "| tasks | claim | numbers | verdict |", "|---|---|---|---|"]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    claim_labels = {"faster_expo ≈ expo": "FASTER-EXPO ≈ EXPO",
+                    **{f"{k} > base": f"{LABELS[k]} > base" for k in ("expo", "faster_expo", "faster_idql",
+                                                                     "expo_n1")}}
     for where, by_method in tasks.items():
         def pairs(ref: str, other: str) -> tuple[np.ndarray, np.ndarray]:
             if ref not in by_method or other not in by_method:
@@ -295,34 +325,30 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
         if len(x):
             diff, lo, hi = paired_difference(x, y)
             numbers = f"FASTER-EXPO − EXPO = {100 * diff:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}], {len(x)} pairs"
-            if -m <= lo and hi <= m:
-                verdict = f"shown: the interval lies within ±{100 * m:.0f} points"
-            elif hi < 0:
-                verdict = "no: FASTER-EXPO is below EXPO"
-            elif lo > 0:
-                verdict = "not shown as equal: FASTER-EXPO is above EXPO"
-            else:
-                verdict = f"not shown: the interval reaches beyond ±{100 * m:.0f} points"
-            lines.append(f"| {where} | FASTER-EXPO ≈ EXPO | {numbers} | {verdict} |")
+            kind, verdict = _equivalence_verdict(lo, hi, m)
             rows.append({"tasks": where, "claim": "faster_expo ≈ expo", "difference": diff, "ci95": [lo, hi],
-                         "pairs": len(x), "verdict": verdict})
+                         "pairs": len(x), "kind": kind, "verdict": verdict, "numbers": numbers})
         for method in ("expo", "faster_expo", "faster_idql", "expo_n1"):
             x, y = pairs("base", method)
             if not len(x):
                 continue
             b, c = int((x & ~y).sum()), int((~x & y).sum())
             p = mcnemar_p(b, c)
-            if p < settings.alpha and c > b:
-                verdict = f"shown (p < {settings.alpha:g})"
-            elif p < settings.alpha:
-                verdict = "no: the base policy is better"
-            else:
-                verdict = f"not shown (p ≥ {settings.alpha:g})"
+            kind, verdict = _better_verdict(b, c, p, settings.alpha)
             numbers = (f"{int(y.sum())}/{len(y)} vs {int(x.sum())}/{len(x)}; pairs only one won: base {b}, "
                        f"{LABELS[method]} {c}; p = {p:.2g}")
-            lines.append(f"| {where} | {LABELS[method]} > base | {numbers} | {verdict} |")
             rows.append({"tasks": where, "claim": f"{method} > base", "only_base": b, "only_method": c, "p": p,
-                         "verdict": verdict})
+                         "kind": kind, "verdict": verdict, "numbers": numbers})
+    for row in rows:
+        if row["tasks"] != "all":
+            continue
+        per_task = [(r["tasks"], r["kind"]) for r in rows if r["claim"] == row["claim"] and r["tasks"] != "all"]
+        if len({kind for _, kind in per_task}) > 1:
+            row["kind"] = "mixed"
+            row["verdict"] = ("mixed: the tasks disagree (" + ", ".join(f"{t}: {k}" for t, k in per_task)
+                              + "); read them apart")
+    for row in rows:
+        lines.append(f"| {row['tasks']} | {claim_labels[row['claim']]} | {row.pop('numbers')} | {row['verdict']} |")
     if not rows:
         lines = [f"No verdict: no run pair (with the base policy or EXPO) has training episodes from episode "
                  f"{settings.late_from} on."]

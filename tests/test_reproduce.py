@@ -40,11 +40,14 @@ def _args(tmp_path: Path, **overrides) -> ReproduceArgs:
     return ReproduceArgs(**{**fields, **overrides})
 
 
-def _write_records(args: ReproduceArgs) -> None:
-    """Each run as reproduce_run writes it: a metrics.jsonl in the run folder, then make_record and dump_record."""
+def _write_records(args: ReproduceArgs, outcomes_by_task: dict[int, dict] | None = None) -> None:
+    """Each run as reproduce_run writes it: a metrics.jsonl in the run folder, then make_record and dump_record.
+
+    Runs take their outcomes from `outcomes_by_task[task]` where given, else from OUTCOMES."""
     args.records.mkdir(parents=True, exist_ok=True)
     for spec in grid(args):
-        outcomes = [int(c) for c in OUTCOMES[spec.method][spec.seed]]
+        table = (outcomes_by_task or {}).get(spec.task, OUTCOMES)
+        outcomes = [int(c) for c in table[spec.method][spec.seed]]
         spec.config.run_dir.mkdir(parents=True)
         lines = []
         for e, success in enumerate(outcomes, start=1):
@@ -110,6 +113,26 @@ def test_report_is_regenerated_identically_with_the_hand_computed_statistics(tmp
             in text)
     (ratios,) = json.loads((args.report_dir / REPORT_JSON).read_text())["cost_vs_expo"]
     assert ratios["total FLOPs"]["mean"] == pytest.approx(0.75) and ratios["wall time"]["max"] == pytest.approx(0.8)
+
+
+def test_pooled_verdict_is_mixed_when_the_tasks_disagree(tmp_path):
+    # Task 33: FASTER-EXPO does exactly what the base policy does; EXPO learns as on task 20.
+    task33 = {**OUTCOMES, "faster_expo": OUTCOMES["base"]}
+    args = _args(tmp_path, tasks=(20, 33))
+    _write_records(args, {33: task33})
+    main(args)
+    rows = json.loads((args.report_dir / REPORT_JSON).read_text())["verdicts"]
+    kinds = {(r["tasks"], r["claim"]): r["kind"] for r in rows}
+    assert kinds[(20, "faster_expo > base")] == "shown" and kinds[(33, "faster_expo > base")] == "not shown"
+    # Pooled, FASTER-EXPO still wins 10 pairs to 0 (p < 0.05), but on one task only: the row must not say shown.
+    pooled = next(r for r in rows if r["tasks"] == "all" and r["claim"] == "faster_expo > base")
+    assert pooled["p"] < 0.05 and pooled["kind"] == "mixed"
+    assert pooled["verdict"] == "mixed: the tasks disagree (20: shown, 33: not shown); read them apart"
+    # Task 33's FASTER-EXPO is below EXPO, task 20's above it: the pooled "≈" is mixed too.
+    assert (kinds[(20, "faster_expo ≈ expo")], kinds[(33, "faster_expo ≈ expo")]) == ("above", "no")
+    assert kinds[("all", "faster_expo ≈ expo")] == "mixed"
+    # Where the tasks agree, the pooled verdict stands.
+    assert kinds[(20, "expo > base")] == kinds[(33, "expo > base")] == kinds[("all", "expo > base")] == "shown"
 
 
 def test_paired_difference_is_newcombes_interval():
