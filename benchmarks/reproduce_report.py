@@ -312,9 +312,6 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
     lines = [f"Verdicts, on the training episodes from episode {settings.late_from} on (paired by seed and init "
              "state)", "", "| tasks | claim | numbers | verdict |", "|---|---|---|---|"]
     rows: list[dict[str, Any]] = []
-    claim_labels = {"faster_expo ≈ expo": "FASTER-EXPO ≈ EXPO",
-                    **{f"{k} > base": f"{LABELS[k]} > base" for k in ("expo", "faster_expo", "faster_idql",
-                                                                     "expo_n1")}}
     for where, by_method in tasks.items():
         def pairs(ref: str, other: str) -> tuple[np.ndarray, np.ndarray]:
             if ref not in by_method or other not in by_method:
@@ -327,7 +324,8 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             numbers = f"FASTER-EXPO − EXPO = {100 * diff:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}], {len(x)} pairs"
             kind, verdict = _equivalence_verdict(lo, hi, m)
             rows.append({"tasks": where, "claim": "faster_expo ≈ expo", "difference": diff, "ci95": [lo, hi],
-                         "pairs": len(x), "kind": kind, "verdict": verdict, "numbers": numbers})
+                         "pairs": len(x), "kind": kind, "verdict": verdict,
+                         "label": "FASTER-EXPO ≈ EXPO", "numbers": numbers})
         for method in ("expo", "faster_expo", "faster_idql", "expo_n1"):
             x, y = pairs("base", method)
             if not len(x):
@@ -338,7 +336,7 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             numbers = (f"{int(y.sum())}/{len(y)} vs {int(x.sum())}/{len(x)}; pairs only one won: base {b}, "
                        f"{LABELS[method]} {c}; p = {p:.2g}")
             rows.append({"tasks": where, "claim": f"{method} > base", "only_base": b, "only_method": c, "p": p,
-                         "kind": kind, "verdict": verdict, "numbers": numbers})
+                         "kind": kind, "verdict": verdict, "label": f"{LABELS[method]} > base", "numbers": numbers})
     for row in rows:
         if row["tasks"] != "all":
             continue
@@ -348,7 +346,7 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             row["verdict"] = ("mixed: the tasks disagree (" + ", ".join(f"{t}: {k}" for t, k in per_task)
                               + "); read them apart")
     for row in rows:
-        lines.append(f"| {row['tasks']} | {claim_labels[row['claim']]} | {row.pop('numbers')} | {row['verdict']} |")
+        lines.append(f"| {row['tasks']} | {row.pop('label')} | {row.pop('numbers')} | {row['verdict']} |")
     if not rows:
         lines = [f"No verdict: no run pair (with the base policy or EXPO) has training episodes from episode "
                  f"{settings.late_from} on."]
