@@ -65,12 +65,15 @@ def test_report_pairs_every_rule_with_base_on_the_same_states(tmp_path):
     _cell(out, "isolation", run, "faster", 8, "1011111100", 1.2e9)  # only base: 1, only faster: 5
     _cell(out, "scaling", run, "best_of_n", 4, "1111000000", 4e9)
     _cell(out, "scaling", run, "best_of_n", 1, "1000000000", 1e9)
+    _cell(out, "isolation", run, "best_of_n", 8, "1111110000", 8e9)  # also the curve's N = 8 point
     result = report(SelectionEvalArgs(out=out, trials=10))
     faster = next(r for r in result["isolation"] if r["rule"] == "faster")
     assert faster["successes"] == 7 and faster["vs_base"] == {"only_base": 1, "only_this": 5, "p": mcnemar_p(1, 5)}
     assert "vs_base" not in next(r for r in result["isolation"] if r["rule"] == "base")
-    assert [(r["rule"], r["n"]) for r in result["scaling"]] == [("best_of_n", 1), ("best_of_n", 4)]
+    assert [(r["rule"], r["n"]) for r in result["scaling"]] == [("best_of_n", 1), ("best_of_n", 4), ("best_of_n", 8)]
+    assert [r["vs_base"]["only_this"] for r in result["scaling"]] == [0, 2, 3]  # paired with base like isolation
     text = (out / "report.md").read_text()
+    assert "| best_of_n | 8 | 6/10 |" in text.split("## Test-time scaling")[1]
     assert f"| {run} | faster | 8 | 7/10 |" in text and f"1 / 5 ({mcnemar_p(1, 5):.2g})" in text
     assert (out / "scaling.png").stat().st_size > 0
 
