@@ -11,7 +11,8 @@ suite's init states 0..trials-1 of the run's own task, with the run's episode le
                 the isolation cell of the same run, rule and N is that point (one cell, evaluated once)
 
 Every cell uses the same eval seed, so init state i starts from the same placement and the same noise key in
-every cell: outcomes are paired across rules and N, and the report compares rules with exact McNemar tests.
+every cell: outcomes are paired across rules and N, and the report compares rules with exact McNemar tests,
+per run and pooled by task over the runs (one cell's 50 states cannot show a ten-point gap; a task's runs can).
 Cells are resumable: each is written atomically to `--out/cells/<run>__<rule>_n<N>.json` when it ends and read
 back after. The report (`--out/report.md`, `report.json`, `scaling.png`) is built from the cells alone.
 
@@ -142,7 +143,7 @@ def _outcomes(report: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 def _row(report: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
     (task,) = report["tasks"].values()
     states, wins = _outcomes(report)
-    row = {**report["cell"], "successes": int(wins.sum()), "trials": len(wins),
+    row = {**report["cell"], "task": next(iter(report["tasks"])), "successes": int(wins.sum()), "trials": len(wins),
            "ci95": list(wilson_interval(int(wins.sum()), len(wins))),
            "flops_per_decision": report["flops_per_decision"],
            "denoised_per_decision": report["flops_per_decision_by_part"]["denoise"],
@@ -154,6 +155,30 @@ def _row(report: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, 
         b, c = int((ref_wins & ~wins).sum()), int((~ref_wins & wins).sum())
         row["vs_base"] = {"only_base": b, "only_this": c, "p": mcnemar_p(b, c)}
     return row
+
+
+def pooled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each rule against base on the same critics, pooled by task over every run that has both cells.
+
+    A cell is 50 init states, too few to show a gap of ten points; the runs of one task pair state by state
+    with their own base cell, so their discordant pairs add up into one exact McNemar test per task and rule."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if "vs_base" not in r:
+            continue
+        p = out.setdefault((r["task"], r["rule"]), {"task": r["task"], "rule": r["rule"], "runs": [],
+                                                    "successes": 0, "base_successes": 0, "trials": 0,
+                                                    "only_base": 0, "only_this": 0})
+        p["runs"].append(r["run"])
+        p["successes"] += r["successes"]
+        p["trials"] += r["trials"]
+        p["only_base"] += r["vs_base"]["only_base"]
+        p["only_this"] += r["vs_base"]["only_this"]
+        # base's successes on the same states: this rule's, less the pairs only it won, plus those only base won
+        p["base_successes"] += r["successes"] - r["vs_base"]["only_this"] + r["vs_base"]["only_base"]
+    for p in out.values():
+        p["p"] = mcnemar_p(p["only_base"], p["only_this"])
+    return sorted(out.values(), key=lambda p: (int(p["task"]) if p["task"].isdigit() else 0, p["task"], p["rule"]))
 
 
 def _pair(row: dict[str, Any]) -> str:
@@ -182,6 +207,14 @@ def report(args: SelectionEvalArgs) -> dict[str, Any]:
         lines.append(f"| {r['run']} | {r['rule']} | {r['n']} | {r['successes']}/{r['trials']} | "
                      f"{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f} % | {_pair(r)} | "
                      f"{r['flops_per_decision'] / 1e9:.3g} | {r['ms_per_decision']:.0f} |")
+    pool_rows = pooled(iso_rows)
+    if pool_rows:
+        lines += ["", "## Each rule against base, pooled by task over the runs", "",
+                  "| task | rule | runs | base | this rule | only base / only this (McNemar p) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['task']} | {p['rule']} | {len(p['runs'])} | {p['base_successes']}/{p['trials']} | "
+                  f"{p['successes']}/{p['trials']} | {p['only_base']} / {p['only_this']} ({p['p']:.2g}) |"
+                  for p in pool_rows]
     if scale_rows:
         lines += ["", f"## Test-time scaling ({scale_rows[0]['run']})", "",
                   "| rule | N | successes | 95 % interval | only base / only this (McNemar p) | GFLOPs per decision "
@@ -192,7 +225,7 @@ def report(args: SelectionEvalArgs) -> dict[str, Any]:
         _plot_scaling(scale_rows, args.out / "scaling.png")
     text = "\n".join(lines) + "\n"
     atomic_write(args.out / "report.md", text.encode())
-    result = {"isolation": iso_rows, "scaling": scale_rows}
+    result = {"isolation": iso_rows, "pooled": pool_rows, "scaling": scale_rows}
     write_result(args.out / "report.json", result)
     return result
 

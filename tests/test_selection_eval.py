@@ -77,6 +77,15 @@ def test_report_pairs_every_rule_with_base_on_the_same_states(tmp_path):
     assert f"| {run} | faster | 8 | 7/10 |" in text and f"1 / 5 ({mcnemar_p(1, 5):.2g})" in text
     assert (out / "scaling.png").stat().st_size > 0
 
+    # a second run of the task: its pairs add to the first's in one McNemar test per task and rule
+    _cell(out, "isolation", "expo_task20_seed0", "base", 1, "0000011111", 1e9)
+    _cell(out, "isolation", "expo_task20_seed0", "faster", 8, "1100011110", 1.2e9)  # only base: 1, only faster: 2
+    pooled = {r["rule"]: r for r in report(SelectionEvalArgs(out=out, trials=10))["pooled"]}
+    assert pooled["faster"] == {"task": "20", "rule": "faster", "runs": ["expo_task20_seed0", run], "successes": 13,
+                                "base_successes": 8, "trials": 20, "only_base": 2, "only_this": 7,
+                                "p": mcnemar_p(2, 7)}
+    assert pooled["best_of_n"]["runs"] == [run] and pooled["best_of_n"]["base_successes"] == 3
+
     _cell(out, "isolation", run, "idql", 8, "1111111111", 1e10, states=list(range(1, 11)))
     with pytest.raises(ValueError, match="different init states"):
         report(SelectionEvalArgs(out=out, trials=10))
