@@ -64,7 +64,7 @@ def _write_records(args: ReproduceArgs, outcomes_by_task: dict[int, dict] | None
                                "cache": 1.0, "update": 5.0}}
         job = {"name": spec.name, "method": spec.method, "task": spec.task, "seed": spec.seed, "command": "test",
                "config": to_jsonable(spec.config, strict=False)}
-        final = [{"init_state": i, "success": c == "1", "steps": 50} for i, c in enumerate(FINAL[spec.method])]
+        final = [{"init_state": i, "success": c == "1", "steps": 50} for i, c in enumerate(FINAL.get(spec.method, "11"))]
         record = make_record(job, spec.config, counters, final)
         (args.records / f"{spec.name}.json").write_text(dump_record(record))
 
@@ -133,6 +133,27 @@ def test_pooled_verdict_is_mixed_when_the_tasks_disagree(tmp_path):
     assert kinds[("all", "faster_expo ≈ expo")] == "mixed"
     # Where the tasks agree, the pooled verdict stands.
     assert kinds[(20, "expo > base")] == kinds[(33, "expo > base")] == kinds[("all", "expo > base")] == "shown"
+
+
+def test_every_window_pair_trains_on_every_step_and_is_judged_against_chunk_windows(tmp_path):
+    args = _args(tmp_path, methods=("base", "faster_expo"), ablations=("faster_expo_every_window",),
+                 ablation_tasks=(20,))
+    specs = {s.name: s.config for s in grid(args)}
+    every, chunk = specs["faster_expo_every_window_task20_seed0"], specs["faster_expo_task20_seed0"]
+    assert (every.window_starts, every.env.render_mode) == ("step", "every_step")
+    assert (chunk.window_starts, chunk.env.render_mode) == ("chunk", "chunk_boundary")
+    assert every.selection == chunk.selection and every.cache_seeds == chunk.cache_seeds  # only the windows differ
+    # Every window: FASTER-EXPO's late outcomes, but seed 2 loses its two late wins (10 of 12 -> 8 of 12).
+    outcomes = {**OUTCOMES, "faster_expo_every_window": {**OUTCOMES["faster_expo"], 2: "00100000"}}
+    _write_records(args, {20: outcomes})
+    text = main(args)
+    verdicts = {r["claim"]: r for r in json.loads((args.report_dir / REPORT_JSON).read_text())["verdicts"]}
+    pair = verdicts["faster_expo_every_window ≈ faster_expo"]
+    assert pair["difference"] == pytest.approx(-2 / 12) and pair["pairs"] == 12
+    # Newcombe's interval for 2 discordant pairs of 12, both lost: about [-39, +5] points, past the -10 margin.
+    assert pair["ci95"][0] < -0.1 < 0 < pair["ci95"][1] and pair["kind"] == "not shown"
+    assert verdicts["faster_expo_every_window > base"]["only_method"] == 8
+    assert "| FASTER-EXPO, every window ≈ FASTER-EXPO | FASTER-EXPO, every window − FASTER-EXPO = -16.7 points" in text
 
 
 def test_paired_difference_is_newcombes_interval():
