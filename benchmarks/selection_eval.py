@@ -222,7 +222,8 @@ def report(args: SelectionEvalArgs) -> dict[str, Any]:
         lines += [f"| {r['rule']} | {r['n']} | {r['successes']}/{r['trials']} | {100 * r['ci95'][0]:.0f}–"
                   f"{100 * r['ci95'][1]:.0f} % | {_pair(r)} | {r['flops_per_decision'] / 1e9:.3g} | "
                   f"{r['ms_per_decision']:.0f} |" for r in scale_rows]
-        _plot_scaling(scale_rows, args.out / "scaling.png")
+        ref = next((r for r in iso_rows if r["rule"] == "base" and r["run"] == scale_rows[0]["run"]), None)
+        _plot_scaling(scale_rows, ref, args.out / "scaling.png")
     text = "\n".join(lines) + "\n"
     atomic_write(args.out / "report.md", text.encode())
     result = {"isolation": iso_rows, "pooled": pool_rows, "scaling": scale_rows}
@@ -230,8 +231,9 @@ def report(args: SelectionEvalArgs) -> dict[str, Any]:
     return result
 
 
-def _plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
-    """Success (95 % Wilson) against N and against FLOPs per decision, one line per rule."""
+def _plot_scaling(rows: list[dict[str, Any]], base: dict[str, Any] | None, path: Path) -> None:
+    """Success (95 % Wilson) against N and against FLOPs per decision, one line per rule, and the base rule's
+    success on the same run as a level line (what selection and edit add)."""
 
     def draw(fig: Any) -> None:
         axes = fig.subplots(1, 2)
@@ -244,6 +246,9 @@ def _plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
         axes[0].set(xscale="log", xlabel="N (seeds per decision)", ylabel="success (95 % Wilson)")
         axes[1].set(xscale="log", xlabel="FLOPs per decision")
         for ax in axes:
+            if base is not None:
+                ax.axhline(base["successes"] / base["trials"], color="gray", linestyle="--",
+                           label=f"base ({base['successes']}/{base['trials']})")
             ax.legend()
 
     atomic_write(path, figure_png(draw, (10.0, 4.0)))
