@@ -12,7 +12,8 @@ suite's init states 0..trials-1 of the run's own task, with the run's episode le
 
 Every cell uses the same eval seed, so init state i starts from the same placement and the same noise key in
 every cell: outcomes are paired across rules and N, and the report compares rules with exact McNemar tests,
-per run and pooled by task over the runs (one cell's 50 states cannot show a ten-point gap; a task's runs can).
+per run, and pooled by task over the runs with the init state as the unit (one cell's 50 states cannot show a
+ten-point gap; a task's runs together can narrow it).
 Cells are resumable: each is written atomically to `--out/cells/<run>__<rule>_n<N>.json` when it ends and read
 back after. The report (`--out/report.md`, `report.json`, `scaling.png`) is built from the cells alone.
 
@@ -157,28 +158,44 @@ def _row(report: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, 
     return row
 
 
-def pooled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each rule against base on the same critics, pooled by task over every run that has both cells.
+def pooled(cells: list[tuple[dict[str, Any], dict[str, Any]]], resamples: int = 10_000) -> list[dict[str, Any]]:
+    """Each rule against base on the same critics, pooled by task over the runs: `cells` holds (cell, the base
+    cell of its run) pairs.
 
-    A cell is 50 init states, too few to show a gap of ten points; the runs of one task pair state by state
-    with their own base cell, so their discordant pairs add up into one exact McNemar test per task and rule."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        if "vs_base" not in r:
-            continue
-        p = out.setdefault((r["task"], r["rule"]), {"task": r["task"], "rule": r["rule"], "runs": [],
-                                                    "successes": 0, "base_successes": 0, "trials": 0,
-                                                    "only_base": 0, "only_this": 0})
-        p["runs"].append(r["run"])
-        p["successes"] += r["successes"]
-        p["trials"] += r["trials"]
-        p["only_base"] += r["vs_base"]["only_base"]
-        p["only_this"] += r["vs_base"]["only_this"]
-        # base's successes on the same states: this rule's, less the pairs only it won, plus those only base won
-        p["base_successes"] += r["successes"] - r["vs_base"]["only_this"] + r["vs_base"]["only_base"]
-    for p in out.values():
-        p["p"] = mcnemar_p(p["only_base"], p["only_this"])
-    return sorted(out.values(), key=lambda p: (int(p["task"]) if p["task"].isdigit() else 0, p["task"], p["rule"]))
+    A cell is 50 init states, too few to show a ten-point gap alone. Pooling runs does not make their pairs
+    independent: every run of a task evaluates the same 50 states (and the base rule, which ignores the
+    critics, gives the same 50 outcomes in every run), so a McNemar test over all pairs would count each
+    state once per run and overstate its evidence. The unit is the init state: per state, the mean over runs
+    of (this rule's success − base's); the interval is a percentile bootstrap over states (fixed seed, so the
+    report is regenerated identically)."""
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for cell, base in cells:
+        groups.setdefault((next(iter(cell["tasks"])), cell["cell"]["rule"]), []).append((cell, base))
+    out = []
+    for (task, rule), members in groups.items():
+        by_state: dict[int, list[float]] = {}
+        row: dict[str, Any] = {"task": task, "rule": rule, "runs": [], "successes": 0, "base_successes": 0,
+                               "trials": 0, "only_base": 0, "only_this": 0}
+        for cell, base in members:
+            states, wins = _outcomes(cell)
+            base_states, base_wins = _outcomes(base)
+            if not np.array_equal(states, base_states):
+                raise ValueError(f"cells {cell['cell']} and {base['cell']} ran different init states")
+            row["runs"].append(cell["cell"]["run"])
+            row["successes"] += int(wins.sum())
+            row["base_successes"] += int(base_wins.sum())
+            row["trials"] += len(wins)
+            row["only_base"] += int((base_wins & ~wins).sum())
+            row["only_this"] += int((~base_wins & wins).sum())
+            for state, gain in zip(states.tolist(), (wins.astype(float) - base_wins).tolist()):
+                by_state.setdefault(state, []).append(gain)
+        gains = np.array([np.mean(g) for _, g in sorted(by_state.items())])  # [states]
+        boot = gains[np.random.default_rng(0).integers(0, len(gains), (resamples, len(gains)))].mean(axis=1)
+        row["states"] = len(gains)
+        row["difference"] = float(gains.mean())
+        row["ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        out.append(row)
+    return sorted(out, key=lambda p: (int(p["task"]) if p["task"].isdigit() else 0, p["task"], p["rule"]))
 
 
 def _pair(row: dict[str, Any]) -> str:
@@ -207,13 +224,17 @@ def report(args: SelectionEvalArgs) -> dict[str, Any]:
         lines.append(f"| {r['run']} | {r['rule']} | {r['n']} | {r['successes']}/{r['trials']} | "
                      f"{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f} % | {_pair(r)} | "
                      f"{r['flops_per_decision'] / 1e9:.3g} | {r['ms_per_decision']:.0f} |")
-    pool_rows = pooled(iso_rows)
+    pool_rows = pooled([(r, base[r["cell"]["run"]]) for r in isolation
+                        if r["cell"]["rule"] != "base" and r["cell"]["run"] in base])
     if pool_rows:
         lines += ["", "## Each rule against base, pooled by task over the runs", "",
-                  "| task | rule | runs | base | this rule | only base / only this (McNemar p) |",
-                  "|---|---|---|---|---|---|"]
+                  "The unit is the init state (every run evaluates the same ones): per state, this rule's success "
+                  "minus base's, averaged over the runs; 95 % interval by a bootstrap over the states.", "",
+                  "| task | rule | runs | base | this rule | pairs only base / only this | difference (95 % interval) |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {p['task']} | {p['rule']} | {len(p['runs'])} | {p['base_successes']}/{p['trials']} | "
-                  f"{p['successes']}/{p['trials']} | {p['only_base']} / {p['only_this']} ({p['p']:.2g}) |"
+                  f"{p['successes']}/{p['trials']} | {p['only_base']} / {p['only_this']} | "
+                  f"{100 * p['difference']:+.1f} points [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] |"
                   for p in pool_rows]
     if scale_rows:
         lines += ["", f"## Test-time scaling ({scale_rows[0]['run']})", "",

@@ -77,14 +77,23 @@ def test_report_pairs_every_rule_with_base_on_the_same_states(tmp_path):
     assert f"| {run} | faster | 8 | 7/10 |" in text and f"1 / 5 ({mcnemar_p(1, 5):.2g})" in text
     assert (out / "scaling.png").stat().st_size > 0
 
-    # a second run of the task: its pairs add to the first's in one McNemar test per task and rule
+    # A second run of the task on the same 10 states. Per state, faster − base averaged over the two runs:
+    # run 1 (base 1100100000, faster 1011111100) and run 2 (base 0000011111, faster 1100011110).
     _cell(out, "isolation", "expo_task20_seed0", "base", 1, "0000011111", 1e9)
     _cell(out, "isolation", "expo_task20_seed0", "faster", 8, "1100011110", 1.2e9)  # only base: 1, only faster: 2
     pooled = {r["rule"]: r for r in report(SelectionEvalArgs(out=out, trials=10))["pooled"]}
-    assert pooled["faster"] == {"task": "20", "rule": "faster", "runs": ["expo_task20_seed0", run], "successes": 13,
-                                "base_successes": 8, "trials": 20, "only_base": 2, "only_this": 7,
-                                "p": mcnemar_p(2, 7)}
+    faster = pooled["faster"]
+    assert {k: faster[k] for k in ("runs", "successes", "base_successes", "trials", "only_base", "only_this",
+                                   "states")} == {"runs": ["expo_task20_seed0", run], "successes": 13,
+                                                  "base_successes": 8, "trials": 20, "only_base": 2,
+                                                  "only_this": 7, "states": 10}
+    gains = [(1 + 0) / 2, (-1 + 1) / 2, (1 + 0) / 2, (1 + 0) / 2, (0 + 0) / 2, (1 + 0) / 2, (1 + 0) / 2,
+             (1 + 0) / 2, (0 + 0) / 2, (0 - 1) / 2]
+    assert faster["difference"] == pytest.approx(sum(gains) / 10)  # = (7 - 2) / 20
+    # A bootstrap mean of state gains lies within their range, and brackets the mean.
+    assert -0.5 <= faster["ci95"][0] < faster["difference"] < faster["ci95"][1] <= 0.5
     assert pooled["best_of_n"]["runs"] == [run] and pooled["best_of_n"]["base_successes"] == 3
+    assert "| 20 | faster | 2 | 8/20 | 13/20 | 2 / 7 | +25.0 points [" in (out / "report.md").read_text()
 
     _cell(out, "isolation", run, "idql", 8, "1111111111", 1e10, states=list(range(1, 11)))
     with pytest.raises(ValueError, match="different init states"):
