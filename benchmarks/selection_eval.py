@@ -11,9 +11,9 @@ suite's init states 0..trials-1 of the run's own task, with the run's episode le
                 the isolation cell of the same run, rule and N is that point (one cell, evaluated once)
 
 Every cell uses the same eval seed, so init state i starts from the same placement and the same noise key in
-every cell: outcomes are paired across rules and N, and the report compares rules with exact McNemar tests,
-per run, and pooled by task over the runs with the init state as the unit (one cell's 50 states cannot show a
-ten-point gap; a task's runs together can narrow it).
+every cell: outcomes are paired across rules and N. The report compares each rule with base by exact McNemar
+tests per run, and pools a task's runs with the init state as the unit, by a bootstrap over states (one
+cell's 50 states cannot show a ten-point gap; a task's runs together narrow it).
 Cells are resumable: each is written atomically to `--out/cells/<run>__<rule>_n<N>.json` when it ends and read
 back after. The report (`--out/report.md`, `report.json`, `scaling.png`) is built from the cells alone.
 
@@ -142,9 +142,9 @@ def _outcomes(report: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _row(report: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
-    (task,) = report["tasks"].values()
+    ((task_id, task),) = report["tasks"].items()
     states, wins = _outcomes(report)
-    row = {**report["cell"], "task": next(iter(report["tasks"])), "successes": int(wins.sum()), "trials": len(wins),
+    row = {**report["cell"], "task": task_id, "successes": int(wins.sum()), "trials": len(wins),
            "ci95": list(wilson_interval(int(wins.sum()), len(wins))),
            "flops_per_decision": report["flops_per_decision"],
            "denoised_per_decision": report["flops_per_decision_by_part"]["denoise"],
