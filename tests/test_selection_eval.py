@@ -73,7 +73,7 @@ def test_report_pairs_every_rule_with_base_on_the_same_states(tmp_path):
     assert [(r["rule"], r["n"]) for r in result["scaling"]] == [("best_of_n", 1), ("best_of_n", 4), ("best_of_n", 8)]
     assert [r["vs_base"]["only_this"] for r in result["scaling"]] == [0, 2, 3]  # paired with base like isolation
     text = (out / "report.md").read_text()
-    assert "| best_of_n | 8 | 6/10 |" in text.split("## Test-time scaling")[1]
+    assert f"| {run} | best_of_n | 8 | 6/10 |" in text.split("## Test-time scaling")[1]
     assert f"| {run} | faster | 8 | 7/10 |" in text and f"1 / 5 ({mcnemar_p(1, 5):.2g})" in text
     assert (out / "scaling.png").stat().st_size > 0
 
@@ -94,6 +94,13 @@ def test_report_pairs_every_rule_with_base_on_the_same_states(tmp_path):
     assert -0.5 <= faster["ci95"][0] < faster["difference"] < faster["ci95"][1] <= 0.5
     assert pooled["best_of_n"]["runs"] == [run] and pooled["best_of_n"]["base_successes"] == 3
     assert "| 20 | faster | 2 | 8/20 | 13/20 | 2 / 7 | +25.0 points [" in (out / "report.md").read_text()
+    # A second run's curve: its own cells, each paired with its own base, in a table with a run column.
+    _cell(out, "scaling", "expo_task20_seed0", "faster", 2, "0100011110", 1.1e9)
+    curves = report(SelectionEvalArgs(out=out, trials=10))["scaling"]
+    assert [(r["run"], r["rule"], r["n"]) for r in curves] == [
+        ("expo_task20_seed0", "faster", 2), ("expo_task20_seed0", "faster", 8),
+        (run, "best_of_n", 1), (run, "best_of_n", 4), (run, "best_of_n", 8)]
+    assert curves[0]["vs_base"]["only_this"] == 1  # state 1, against expo_task20_seed0's base
 
     _cell(out, "isolation", run, "idql", 8, "1111111111", 1e10, states=list(range(1, 11)))
     with pytest.raises(ValueError, match="different init states"):
