@@ -269,11 +269,13 @@ def _plot_scaling(rows: list[dict[str, Any]], bases: list[dict[str, Any]], path:
                 ax.errorbar(x, rate, yerr=err, marker="o", capsize=3, label=f"{rule} ({run})" if several else rule)
         axes[0].set(xscale="log", xlabel="N (seeds per decision)", ylabel="success (95 % Wilson)")
         axes[1].set(xscale="log", xlabel="FLOPs per decision")
+        levels: dict[tuple[int, int], list[str]] = {}  # runs of a task share base's outcomes: one line each
+        for base in bases:
+            levels.setdefault((base["successes"], base["trials"]), []).append(base["run"])
         for ax in axes:
-            for base in bases:
-                ax.axhline(base["successes"] / base["trials"], color="gray", linestyle="--",
-                           label=f"base ({base['successes']}/{base['trials']}"
-                                 + (f", {base['run']})" if several else ")"))
+            for (wins, trials), runs in sorted(levels.items()):
+                ax.axhline(wins / trials, color="gray", linestyle="--", label=f"base ({wins}/{trials}"
+                           + (f", {', '.join(runs)})" if len(levels) > 1 else ")"))
             ax.legend(fontsize="small")
 
     atomic_write(path, figure_png(draw, (10.0, 4.0)))
