@@ -135,16 +135,19 @@ def test_pooled_verdict_is_mixed_when_the_tasks_disagree(tmp_path):
     assert kinds[(20, "expo > base")] == kinds[(33, "expo > base")] == kinds[("all", "expo > base")] == "shown"
 
 
-def test_every_window_pair_trains_on_every_step_and_is_judged_against_chunk_windows(tmp_path):
-    args = _args(tmp_path, methods=("base", "faster_expo"), ablations=("faster_expo_every_window",),
-                 ablation_tasks=(20,))
+def test_every_window_pairs_train_on_every_step_and_are_judged_against_chunk_windows(tmp_path):
+    args = _args(tmp_path, methods=("base", "expo", "faster_expo"),
+                 ablations=("faster_expo_every_window", "expo_every_window"), ablation_tasks=(20,))
     specs = {s.name: s.config for s in grid(args)}
-    every, chunk = specs["faster_expo_every_window_task20_seed0"], specs["faster_expo_task20_seed0"]
-    assert (every.window_starts, every.env.render_mode) == ("step", "every_step")
-    assert (chunk.window_starts, chunk.env.render_mode) == ("chunk", "chunk_boundary")
-    assert every.selection == chunk.selection and every.cache_seeds == chunk.cache_seeds  # only the windows differ
-    # Every window: FASTER-EXPO's late outcomes, but seed 2 loses its two late wins (10 of 12 -> 8 of 12).
-    outcomes = {**OUTCOMES, "faster_expo_every_window": {**OUTCOMES["faster_expo"], 2: "00100000"}}
+    for method in ("faster_expo", "expo"):
+        every, chunk = specs[f"{method}_every_window_task20_seed0"], specs[f"{method}_task20_seed0"]
+        assert (every.window_starts, every.env.render_mode) == ("step", "every_step")
+        assert (chunk.window_starts, chunk.env.render_mode) == ("chunk", "chunk_boundary")
+        assert every.selection == chunk.selection and every.cache_seeds == chunk.cache_seeds  # only the windows differ
+    # Every window: FASTER-EXPO's late outcomes, but seed 2 loses its two late wins (10 of 12 -> 8 of 12);
+    # EXPO's are EXPO's with one more late win on seed 1 (6 of 12 -> 7 of 12).
+    outcomes = {**OUTCOMES, "faster_expo_every_window": {**OUTCOMES["faster_expo"], 2: "00100000"},
+                "expo_every_window": {**OUTCOMES["expo"], 1: "01001110"}}
     _write_records(args, {20: outcomes})
     text = main(args)
     verdicts = {r["claim"]: r for r in json.loads((args.report_dir / REPORT_JSON).read_text())["verdicts"]}
@@ -154,6 +157,12 @@ def test_every_window_pair_trains_on_every_step_and_is_judged_against_chunk_wind
     assert pair["ci95"][0] < -0.1 < 0 < pair["ci95"][1] and pair["kind"] == "not shown"
     assert verdicts["faster_expo_every_window > base"]["only_method"] == 8
     assert "| FASTER-EXPO, every window ≈ FASTER-EXPO | FASTER-EXPO, every window − FASTER-EXPO = -16.7 points" in text
+    # The paper's claim between the two every-window runs: seed 1's last episode is FASTER-EXPO's win alone.
+    claim = verdicts["faster_expo_every_window ≈ expo_every_window"]
+    assert claim["difference"] == pytest.approx(1 / 12) and claim["pairs"] == 12
+    same = verdicts["expo_every_window ≈ expo"]
+    assert same["difference"] == pytest.approx(1 / 12) and same["ci95"][0] < 0 < same["ci95"][1]
+    assert verdicts["expo_every_window > base"]["only_method"] == 7
 
 
 def test_paired_difference_is_newcombes_interval():
