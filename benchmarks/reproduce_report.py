@@ -337,8 +337,7 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             rows.append({"tasks": where, "claim": f"{method} ≈ {ref}", "difference": diff, "ci95": [lo, hi],
                          "pairs": len(x), "kind": kind, "verdict": verdict,
                          "label": f"{LABELS[method]} ≈ {LABELS[ref]}", "numbers": numbers})
-        for method in ("expo", "faster_expo", "faster_idql", "expo_n1", "faster_expo_every_window",
-                       "expo_every_window"):
+        for method in (m for m in LABELS if m != "base"):  # every trained method, in the report's order
             x, y = pairs("base", method)
             if not len(x):
                 continue
