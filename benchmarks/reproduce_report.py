@@ -10,8 +10,9 @@ from those numbers:
 - "FASTER-EXPO ≈ EXPO": the paired difference in success over the late training episodes (from
   `late_from` on) with its 95 % interval (Newcombe's hybrid score interval for paired proportions, built on
   the Wilson intervals); shown when the interval lies within ±`equivalence_margin`.
-- "FASTER-EXPO, every window ≈ FASTER-EXPO" (where the records hold that pair): the same interval, for what
-  training on the windows starting at every step instead of at chunk boundaries changes.
+- The same claim between the two every-window runs, and "M, every window ≈ M" for FASTER-EXPO and EXPO (where the
+  records hold those pairs): the same interval, for what training on the windows starting at every step instead
+  of at chunk boundaries changes.
 - "M > base": the exact McNemar test over the same late episodes; shown when p < `alpha` and M won more pairs.
 - Over all tasks pooled, a claim's verdict stands only where every task's verdict agrees; otherwise the row says
   "mixed" and names each task's, since pooling a task that fails with one that passes can look like a pass.
@@ -170,7 +171,11 @@ def paired(a: list[Run], b: list[Run], start: int, stop: int | None) -> tuple[np
 
 def paired_difference(ref: np.ndarray, other: np.ndarray) -> tuple[float, float, float]:
     """success(other) − success(ref) over paired outcomes, with Newcombe's 95 % hybrid score interval (his method
-    10: the two Wilson intervals combined with the pairs' correlation)."""
+    10: the two Wilson intervals combined with the pairs' correlation φ).
+
+    φ carries Newcombe's continuity correction (a·d − b·c shrunk by n/2 towards 0 when positive): without it, runs
+    that agree on every pair get φ = 1 and, at 50 % success, a zero-width interval that would call them "equal"
+    from any number of pairs."""
     n = len(ref)
     a, b = int((ref & other).sum()), int((ref & ~other).sum())
     c, d = int((~ref & other).sum()), int((~ref & ~other).sum())
@@ -178,7 +183,9 @@ def paired_difference(ref: np.ndarray, other: np.ndarray) -> tuple[float, float,
     l1, u1 = wilson_interval(a + c, n)
     l2, u2 = wilson_interval(a + b, n)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    cross = a * d - b * c
+    cross = cross if cross < 0 else max(0.0, cross - n / 2)
+    phi = cross / math.sqrt(margins) if margins else 0.0
     lower = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     upper = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return p1 - p2, p1 - p2 - lower, p1 - p2 + upper

@@ -177,6 +177,12 @@ def test_paired_difference_is_newcombes_interval():
     d2, lo2, hi2 = paired_difference(other, ref)
     assert d1 == pytest.approx(-d2) and lo1 == pytest.approx(-hi2) and hi1 == pytest.approx(-lo2)
     assert -1 <= lo1 < d1 < hi1 <= 1
+    # Runs that agree on all 100 pairs, half of them wins: the continuity-corrected φ is (50·50 − 50)/(50·50) =
+    # 0.98, not 1, so the interval is ±√(2·0.02)·(½ − Wilson's lower bound), not the zero width of φ = 1.
+    ref = np.arange(100) < 50
+    diff, lo, hi = paired_difference(ref, ref.copy())
+    low, _ = wilson_interval(50, 100)
+    assert diff == 0 and lo == pytest.approx(-0.2 * (0.5 - low)) and hi == pytest.approx(0.2 * (0.5 - low))
 
 
 def test_missing_partial_damaged_and_unpaired_records_are_reported(tmp_path):
