@@ -55,8 +55,9 @@ def _write_records(args: ReproduceArgs, outcomes_by_task: dict[int, dict] | None
                                      "flops": 1e9 * e, "train/success": float(success), "time_ms/act": 3.0,
                                      "train/init_state": episode_init_state(spec.seed, e - 1, 50)}))
         (spec.config.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        # FASTER-EXPO acts at half EXPO's FLOPs and seconds; its run takes 72 s of wall time against 90.
-        faster = spec.method == "faster_expo"
+        # FASTER-EXPO (on either windows) acts at half EXPO's FLOPs and seconds; its run takes 72 s of wall time
+        # against 90.
+        faster = spec.method.startswith("faster_expo")
         counters = {"episodes": 8, "env_steps": 800, "successes": sum(outcomes),
                     "acting_flops": 2e9 if faster else 4e9, "cache_flops": 3e9, "update_flops": 1e9,
                     "actor_update_flops": 0.0, "wall_s": 72.0 if faster else 90.0,
@@ -163,6 +164,13 @@ def test_every_window_pairs_train_on_every_step_and_are_judged_against_chunk_win
     same = verdicts["expo_every_window ≈ expo"]
     assert same["difference"] == pytest.approx(1 / 12) and same["ci95"][0] < 0 < same["ci95"][1]
     assert verdicts["expo_every_window > base"]["only_method"] == 7
+    # Cost: every-window FASTER-EXPO over chunk-window EXPO, and over EXPO on the same (every) windows.
+    costs = {(r["method"], r["reference"]): r for r in json.loads((args.report_dir / REPORT_JSON).read_text())["cost_vs_expo"]}
+    assert set(costs) == {("faster_expo", "expo"), ("faster_expo_every_window", "expo"), ("expo_every_window", "expo"),
+                          ("faster_expo_every_window", "expo_every_window")}
+    assert costs["faster_expo_every_window", "expo_every_window"]["total FLOPs"]["mean"] == pytest.approx(0.75)
+    assert ("| 20 | FASTER-EXPO, every window over EXPO, every window | 3 | 0.75× (0.75–0.75) | 0.50× (0.50–0.50) | "
+            "0.50× (0.50–0.50) | 0.80× (0.80–0.80) |" in text)
 
 
 def test_paired_difference_is_newcombes_interval():
