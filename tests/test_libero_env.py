@@ -169,7 +169,7 @@ def test_same_init_state_and_actions_give_same_episode(env: LiberoEnv, actions: 
 
 
 def test_chunk_boundary_renders_only_chunk_ends_and_matches_every_step(
-    env: LiberoEnv, actions: np.ndarray
+    env: LiberoEnv, actions: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = env.num_camera_renders
     lazy_reset_obs = env.reset(2)
@@ -178,15 +178,26 @@ def test_chunk_boundary_renders_only_chunk_ends_and_matches_every_step(
     assert env.num_camera_renders - n == 4  # and once at the end of the chunk
     lazy_state = env.get_sim_state()
 
+    # The reference: stock robosuite, which renders at every step of the reset, the init state and the wait.
+    gate = LiberoEnv._set_render
+    with monkeypatch.context() as patch:
+        patch.setattr(LiberoEnv, "_set_render", lambda self, on: gate(self, True))
+        with LiberoEnv(LiberoEnvConfig(suite="libero_90", task=0, render_mode="every_step")) as stock:
+            stock_reset_obs = stock.reset(2)
+            assert stock.num_camera_renders == 2 * (2 + stock.config.num_wait_steps)
+            stock_obs = stock.step_chunk(actions[:CHUNK]).obs
+
     config = LiberoEnvConfig(suite="libero_90", task=0, render_mode="every_step", max_steps=CHUNK + 2)
     with LiberoEnv(config) as eager:
         eager_reset_obs = eager.reset(2)
-        assert eager.num_camera_renders == 2 * (2 + config.num_wait_steps)  # reset, init state, each wait step
+        assert eager.num_camera_renders == 2  # a reset renders only the observation it returns, in every mode
         eager_result = eager.step_chunk(actions[:CHUNK])
-        assert eager.num_camera_renders == 2 * (2 + config.num_wait_steps + CHUNK)
+        assert eager.num_camera_renders == 2 * (1 + CHUNK)
         np.testing.assert_array_equal(eager.get_sim_state(), lazy_state)
-        _assert_same_obs(eager_reset_obs, lazy_reset_obs)
-        _assert_same_obs(eager_result.obs, lazy.obs)
+        for reset_obs in (eager_reset_obs, lazy_reset_obs):  # skipped renders change no frame
+            _assert_same_obs(reset_obs, stock_reset_obs)
+        for obs in (eager_result.obs, lazy.obs):
+            _assert_same_obs(obs, stock_obs)
         # Every step's observation comes back (what windows starting at any step need), the last one is `obs`.
         assert len(eager_result.info["observations"]) == CHUNK and "observations" not in lazy.info
         assert eager_result.info["observations"][-1] is eager_result.obs

@@ -48,7 +48,8 @@ class LiberoEnvConfig:
     states do not cover; each reset uses a seed derived from (seed, init_state_index), or with reset_seeding
     stream, one stream seeded with it when the env is created."""
     render_mode: RenderMode = "chunk_boundary"
-    """every_step: render cameras after every control step (as openpi's client does); chunk_boundary: render
+    """every_step: render cameras after every control step of the episode (as openpi's client does; a reset
+    renders only the observation it returns, in every mode: the same frames); chunk_boundary: render
     only the observation returned at the end of each step_chunk (same observations, far less CPU); none:
     observations carry state and prompt only (~10 ms a step), for scripted experts and recorders, which
     render the states they keep afterwards with `render_state`."""
