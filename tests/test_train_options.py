@@ -255,11 +255,32 @@ def test_authors_forms_act_store_update_and_resume(tmp_path):
     per_seed = config.num_steps * denoise_flops(run.policy.actor.config, num_candidates=1, num_steps=1)
     assert records[-1]["flops/cache"] == pytest.approx(2 * (11 * 16 * per_seed + 10 * run._prefix_flops), rel=1e-9)
     end = _leaves(run.learner)
+    _check_every_step_run_evaluates_in_chunk_boundary_envs(run)
 
     _resume_from_episode_1(config)
     resumed = _restored(config)
     for a, b in zip(end, _leaves(resumed.learner), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _check_every_step_run_evaluates_in_chunk_boundary_envs(run) -> None:
+    """Greedy evaluation reads chunk ends only: an every_step run evaluates in a chunk_boundary env of its own,
+    leaving its training env unrendered, with the same episodes the training env gives."""
+    import jax
+
+    from faster_vla.libero.env import LiberoEnv
+    from faster_vla.libero.rollout import init_state_keys, run_episodes
+    from faster_vla.runs.run import EVAL_KEY_OFFSET
+
+    with LiberoEnv(run.config.env) as train_env:
+        run.evaluate(train_env)
+        assert train_env.num_camera_renders == 0
+        assert run._eval_envs.config == dataclasses.replace(run.config.env, render_mode="chunk_boundary")
+        episodes = init_state_keys(range(run.config.eval_episodes), jax.random.key(run.config.seed + EVAL_KEY_OFFSET))
+        in_train_env = run_episodes(run.agent, run.learner, run.eval_selection, train_env, episodes)
+    assert run.last_eval == [t.summary() for t in in_train_env]
+    run.close()
+    assert run._eval_envs is None
 
 
 def _leaves(learner) -> list[np.ndarray]:

@@ -119,7 +119,7 @@ class Run:
         self.checkpointer = RunCheckpointer(config.run_dir / "checkpoints", keep_last=config.keep_last,
                                             keep_best=config.keep_best)
         self._update_flops: float | None = None
-        self._eval_envs: EnvWorkers | None = None  # eval workers, when eval_num_workers > 1
+        self._eval_envs: LiberoEnv | EnvWorkers | None = None  # evaluation's own envs (see `evaluate`)
         self.last_eval: list[dict[str, Any]] | None = None  # the last evaluation's per-episode outcomes
         # Env workers that fail mid-episode are replaced and their episodes run again, up to a budget.
         self.recovery = WorkerRecovery(config.envs.max_worker_failures, log=log)
@@ -264,7 +264,7 @@ class Run:
     def evaluate(self, env: LiberoEnv | EnvWorkers) -> float:
         """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env` (the training
         env, or the training pool in lockstep), or over eval workers of its own (on the run's env backend) when
-        eval_num_workers > 1. A failed worker is replaced and its episode run again (the run's recovery). With
+        eval_num_workers > 1 or the training env renders every step. A failed worker is replaced and its episode run again (the run's recovery). With
         --eval-protocol openpi the episodes run in envs of that protocol, opened for this evaluation only."""
         start = time.perf_counter()
         n = min(self.config.eval_episodes, num_init_states(env))
@@ -278,18 +278,26 @@ class Run:
             with open_envs(env_config, workers, self.config.envs) as envs:
                 results = self._episodes(self.eval_selection, envs, episodes, protocol=protocol)
         else:
-            if workers > 1 and (self._eval_envs is None or self._eval_envs.closed):
-                self._eval_envs = open_envs(self.config.env, workers, self.config.envs)
-            envs = env if workers == 1 else self._eval_envs
+            # Greedy episodes read chunk-end observations only, which chunk_boundary renders bit for bit as
+            # every_step does: an every_step run (every-window training) evaluates in envs of its own that skip
+            # the other renders, rather than in its training env.
+            env_config = self.config.env
+            if env_config.render_mode == "every_step":
+                env_config = dataclasses.replace(env_config, render_mode="chunk_boundary")
+            own = workers > 1 or env_config != self.config.env
+            if own and self._eval_envs is None:
+                self._eval_envs = open_envs(env_config, workers, self.config.envs)
+            envs = self._eval_envs if own else env
             results = self._episodes(self.eval_selection, envs, episodes)
         self.last_eval = [r.summary() for r in results]
         self.counters.add_time("eval", time.perf_counter() - start)
         return float(np.mean([r.success for r in results]))
 
     def close(self) -> None:
-        """Stops the eval workers, if any were started."""
+        """Closes the evaluation's own envs, if any were opened (a later evaluation opens them again)."""
         if self._eval_envs is not None:
             self._eval_envs.close()
+            self._eval_envs = None
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
