@@ -263,9 +263,10 @@ class Run:
 
     def evaluate(self, env: LiberoEnv | EnvWorkers) -> float:
         """Greedy selection on init states 0..eval_episodes-1 (the same ones every time): in `env` (the training
-        env, or the training pool in lockstep), or over eval workers of its own (on the run's env backend) when
-        eval_num_workers > 1 or the training env renders every step. A failed worker is replaced and its episode run again (the run's recovery). With
-        --eval-protocol openpi the episodes run in envs of that protocol, opened for this evaluation only."""
+        env, or the training pool in lockstep), or in envs of its own (on the run's env backend) when
+        eval_num_workers > 1 or the training env renders every step. A failed worker is replaced and its
+        episode run again (the run's recovery). With --eval-protocol openpi the episodes run in envs of that
+        protocol, opened for this evaluation only."""
         start = time.perf_counter()
         n = min(self.config.eval_episodes, num_init_states(env))
         workers = min(self.config.eval_num_workers, n)
