@@ -15,8 +15,8 @@ training episodes; only the selection rule differs between methods:
                  does (`window_starts="step"`, observations rendered every step), where every other method
                  trains on the windows starting at chunk boundaries: on CPU every-step rendering and caching
                  cost several times a run, so the grid keeps chunk windows and these methods, run beside
-                 faster_expo and expo on one task and seed, size what that choice changes, for each method and
-                 for the claim between them. Not in the default grid: `--tasks 20 --seeds 0 --ablations
+                 faster_expo and expo on one task, size what that choice changes, for each method and for
+                 the claim between them. Not in the default grid: `--tasks 20 --seeds 0 1 --ablations
                  faster_expo_every_window expo_every_window --report-dir <elsewhere>`.
 
 The main methods run on every `--tasks` task, the ablations on every `--ablation-tasks` task, each over
