@@ -308,6 +308,35 @@ def _equivalence_verdict(lo: float, hi: float, m: float, method: str = "faster_e
     return "not shown", f"not shown: the interval reaches beyond ±{100 * m:.0f} points"
 
 
+def per_seed_differences(ref: list[Run], other: list[Run], start: int) -> list[dict[str, Any]]:
+    """success(other) − success(ref) on each seed's paired episodes from `start` on: the seeds a pooled verdict
+    pools, so a reader can see whether they agree or one seed carries it."""
+    out = []
+    for seed in sorted({r.seed for r in ref} & {r.seed for r in other}):
+        x, y = paired([r for r in ref if r.seed == seed], [r for r in other if r.seed == seed], start, None)
+        if len(x):
+            diff, lo, hi = paired_difference(x, y)
+            out.append({"seed": seed, "difference": diff, "ci95": [lo, hi], "pairs": len(x)})
+    return out
+
+
+def seed_table(rows: list[dict[str, Any]], late_from: int) -> list[str]:
+    """The per-seed differences of each task's claims (rows from `verdicts`), one column per seed."""
+    rows = [r for r in rows if r["tasks"] != "all" and r["per_seed"]]
+    seeds = sorted({s["seed"] for r in rows for s in r["per_seed"]})
+    if not rows:
+        return []
+    lines = [f"Per seed: each claim's difference (method − reference, points, 95 % interval) on one seed's paired "
+             f"episodes from episode {late_from} on; the verdicts above pool the seeds", "",
+             "| tasks | claim | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+    for row in rows:
+        by_seed = {s["seed"]: s for s in row["per_seed"]}
+        cells = [f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
+                 if (c := by_seed.get(s)) else "–" for s in seeds]
+        lines.append(f"| {row['tasks']} | {row['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _better_verdict(only_base: int, only_method: int, p: float, alpha: float) -> tuple[str, str]:
     """(kind, words) of "M > base" from the McNemar counts and p-value."""
     if p < alpha and only_method > only_base:
@@ -323,6 +352,7 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
     A pooled ("all") verdict stands only where every task's verdict on that claim is the same: pooling a task
     where a claim holds with one where it fails can put the pooled interval inside the margin and hide the
     failure, so such a row says "mixed" and names each task's verdict.
+    Below the verdicts, each task claim's difference seed by seed (`seed_table`).
     """
     m, late = settings.equivalence_margin, settings.late_from - 1
     lines = [f"Verdicts, on the training episodes from episode {settings.late_from} on (paired by seed and init "
@@ -333,6 +363,9 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             if ref not in by_method or other not in by_method:
                 return np.zeros(0, bool), np.zeros(0, bool)
             return paired(by_method[ref], by_method[other], late, None)
+
+        def seeds(ref: str, other: str) -> list[dict[str, Any]]:
+            return [] if where == "all" else per_seed_differences(by_method[ref], by_method[other], late)
 
         # The paper's claim on chunk windows and on every window, and whether training on every window instead
         # of chunk windows changes each method.
@@ -346,7 +379,7 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
                        f"[{100 * lo:+.1f}, {100 * hi:+.1f}], {len(x)} pairs")
             kind, verdict = _equivalence_verdict(lo, hi, m, method, ref)
             rows.append({"tasks": where, "claim": f"{method} ≈ {ref}", "difference": diff, "ci95": [lo, hi],
-                         "pairs": len(x), "kind": kind, "verdict": verdict,
+                         "pairs": len(x), "kind": kind, "verdict": verdict, "per_seed": seeds(ref, method),
                          "label": f"{LABELS[method]} ≈ {LABELS[ref]}", "numbers": numbers})
         for method in (m for m in LABELS if m != "base"):  # every trained method, in the report's order
             x, y = pairs("base", method)
@@ -358,7 +391,8 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             numbers = (f"{int(y.sum())}/{len(y)} vs {int(x.sum())}/{len(x)}; pairs only one won: base {b}, "
                        f"{LABELS[method]} {c}; p = {p:.2g}")
             rows.append({"tasks": where, "claim": f"{method} > base", "only_base": b, "only_method": c, "p": p,
-                         "kind": kind, "verdict": verdict, "label": f"{LABELS[method]} > base", "numbers": numbers})
+                         "kind": kind, "verdict": verdict, "per_seed": seeds("base", method),
+                         "label": f"{LABELS[method]} > base", "numbers": numbers})
     for row in rows:
         if row["tasks"] != "all":
             continue
@@ -368,10 +402,14 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
             row["verdict"] = ("mixed: the tasks disagree (" + ", ".join(f"{t}: {k}" for t, k in per_task)
                               + "); read them apart")
     for row in rows:
-        lines.append(f"| {row['tasks']} | {row.pop('label')} | {row.pop('numbers')} | {row['verdict']} |")
+        lines.append(f"| {row['tasks']} | {row['label']} | {row['numbers']} | {row['verdict']} |")
     if not rows:
         lines = [f"No verdict: no run pair (with the base policy or EXPO) has training episodes from episode "
                  f"{settings.late_from} on."]
+    if by_seed := seed_table(rows, settings.late_from):
+        lines += ["", *by_seed]
+    for row in rows:
+        del row["label"], row["numbers"]
     return lines, rows
 
 

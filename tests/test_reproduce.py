@@ -100,6 +100,14 @@ def test_report_is_regenerated_identically_with_the_hand_computed_statistics(tmp
     equal = verdicts["faster_expo ≈ expo"]
     assert equal["difference"] == pytest.approx(4 / 12) and equal["ci95"][0] > 0
     assert equal["verdict"] == "not shown as equal: FASTER-EXPO is above EXPO"
+    # Seed by seed (late episodes): EXPO 1111, 1100, 0000 against FASTER-EXPO 1111, 1111, 1100.
+    assert [(s["seed"], s["pairs"]) for s in equal["per_seed"]] == [(0, 4), (1, 4), (2, 4)]
+    assert [s["difference"] for s in equal["per_seed"]] == pytest.approx([0.0, 0.5, 0.5])
+    lo, hi = paired_difference(np.array([1, 1, 0, 0], bool), np.array([1, 1, 1, 1], bool))[1:]
+    assert equal["per_seed"][1]["ci95"] == pytest.approx([lo, hi])
+    row = next(line for line in text.splitlines() if line.startswith("| 20 | FASTER-EXPO ≈ EXPO | +0.0 ["))
+    assert row.count("| +50.0 [") == 2 and "| seed 0 | seed 1 | seed 2 |" in text
+    assert [s["difference"] for s in verdicts["expo > base"]["per_seed"]] == pytest.approx([1.0, 0.5, 0.0])
     # Block 1-4 of EXPO against base: identical outcomes, no discordant pair.
     assert "| 1–4 | EXPO | 3 | 4/12 (33 %) | 0 vs 0 (1) | – |" in text
     assert "| 5–8 | FASTER-EXPO | 3 | 10/12 (83 %) | 0 vs 10 (0.002) | 0 vs 4 (0.12) |" in text
@@ -129,6 +137,7 @@ def test_pooled_verdict_is_mixed_when_the_tasks_disagree(tmp_path):
     pooled = next(r for r in rows if r["tasks"] == "all" and r["claim"] == "faster_expo > base")
     assert pooled["p"] < 0.05 and pooled["kind"] == "mixed"
     assert pooled["verdict"] == "mixed: the tasks disagree (20: shown, 33: not shown); read them apart"
+    assert pooled["per_seed"] == []  # seed s of task 20 and of task 33 are unrelated runs: no pooled seed column
     # Task 33's FASTER-EXPO is below EXPO, task 20's above it: the pooled "≈" is mixed too.
     assert (kinds[(20, "faster_expo ≈ expo")], kinds[(33, "faster_expo ≈ expo")]) == ("above", "no")
     assert kinds[("all", "faster_expo ≈ expo")] == "mixed"
