@@ -323,9 +323,9 @@ def per_seed_differences(ref: list[Run], other: list[Run], start: int) -> list[d
 def seed_table(rows: list[dict[str, Any]], late_from: int) -> list[str]:
     """The per-seed differences of each task's claims (rows from `verdicts`), one column per seed."""
     rows = [r for r in rows if r["tasks"] != "all" and r["per_seed"]]
-    seeds = sorted({s["seed"] for r in rows for s in r["per_seed"]})
     if not rows:
         return []
+    seeds = sorted({s["seed"] for r in rows for s in r["per_seed"]})
     lines = [f"Per seed: each claim's difference (method − reference, points, 95 % interval) on one seed's paired "
              f"episodes from episode {late_from} on; the verdicts above pool the seeds", "",
              "| tasks | claim | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
