@@ -16,7 +16,7 @@ training episodes; only the selection rule differs between methods:
                  trains on the windows starting at chunk boundaries: on CPU every-step rendering and caching
                  cost several times a run, so the grid keeps chunk windows and these methods, run beside
                  faster_expo and expo on one task, size what that choice changes, for each method and for
-                 the claim between them. Not in the default grid: `--tasks 20 --seeds 0 1 --ablations
+                 the claim between them. Not in the default grid: `--tasks 20 --seeds 0 1 2 --ablations
                  faster_expo_every_window expo_every_window --report-dir <elsewhere>`.
 
 The main methods run on every `--tasks` task, the ablations on every `--ablation-tasks` task, each over
