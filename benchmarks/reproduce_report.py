@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ class Run:
     flops: np.ndarray
     final: list[list[Any]]
     counters: dict[str, Any]
+    env_steps: np.ndarray  # [episodes] cumulative env steps after each episode
+    wall_s: np.ndarray  # [episodes] cumulative wall seconds after each episode; NaN where the log had none
 
 
 REQUIRED = {"format": str, "version": int, "name": str, "method": str, "task": int, "seed": int, "config": dict,
@@ -129,7 +132,8 @@ def read_record(path: Path) -> Run:
         raise ValueError(f"{path}: final_eval.episodes should be a non-empty list of [init_state, success, steps], "
                          f"found {final!r:.80}")
     return Run(data["name"], data["method"], data["task"], data["seed"], complete, col["train/success"] > 0.5,
-               col["train/init_state"].astype(int), col["flops"], final, counters)
+               col["train/init_state"].astype(int), col["flops"], final, counters, col["env_steps"],
+               col.get("wall_s", np.full(len(rows), math.nan)))
 
 
 def load_runs(records: Path, expected: list[dict[str, Any]]) -> tuple[list[Run], list[str]]:
@@ -251,6 +255,16 @@ def _flops_parts(counters: dict[str, Any]) -> list[float]:
             counters["update_flops"] + counters.get("actor_update_flops", 0.0)]
 
 
+def median_episode_wall_per_step(run: Run) -> float:
+    """Wall seconds per env step of the run's median episode: a run's total wall time also counts the stretches
+    when the shared machine was busy with other work (or the run was paused), which a median over episodes
+    leaves out; NaN for a record without per-episode wall times."""
+    wall = np.diff(run.wall_s, prepend=0.0)
+    steps = np.diff(run.env_steps, prepend=0.0)
+    ok = np.isfinite(wall) & (steps > 0)
+    return float(np.median(wall[ok] / steps[ok])) if ok.any() else math.nan
+
+
 def compute_table(runs: list[Run]) -> list[str]:
     """FLOPs by part and wall time by stage per run: on CPU the simulator's stages can outweigh the model's, which
     the FLOPs alone would hide."""
@@ -269,11 +283,15 @@ def compute_table(runs: list[Run]) -> list[str]:
 def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Each trained method's cost over EXPO's on the same task and seed, and each method of
     `SAME_WINDOWS_REFERENCE` over its own reference: total and acting FLOPs, acting seconds per env step (the part
-    selection changes) and wall time; the mean ratio and its range over the pairs."""
-    keys = {"total FLOPs": lambda c: sum(_flops_parts(c)),
-            "acting FLOPs": lambda c: c["acting_flops"],
-            "acting s per env step": lambda c: _stage_s(c, "acting") / max(c["env_steps"], 1),
-            "wall time": lambda c: c["wall_s"]}
+    selection changes), wall time, and the median episode's wall time per env step (`median_episode_wall_per_step`,
+    which a busy stretch of the machine moves far less than the total); the mean ratio and its range over the
+    pairs ("–" where a record lacks per-episode wall times)."""
+    keys: dict[str, Callable[[Run], float]] = {
+        "total FLOPs": lambda r: sum(_flops_parts(r.counters)),
+        "acting FLOPs": lambda r: r.counters["acting_flops"],
+        "acting s per env step": lambda r: _stage_s(r.counters, "acting") / max(r.counters["env_steps"], 1),
+        "wall time": lambda r: r.counters["wall_s"],
+        "wall s per env step, median episode": median_episode_wall_per_step}
     lines = ["| tasks | method | pairs | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     rows = []
     for where, by_method in tasks.items():
@@ -281,13 +299,17 @@ def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list
         comparisons += [(m, ref) for m, ref in SAME_WINDOWS_REFERENCE.items() if m in by_method]
         for method, reference in comparisons:
             refs = {(r.task, r.seed): r for r in by_method.get(reference, [])}
-            pairs = [(r.counters, refs[r.task, r.seed].counters) for r in by_method[method] if (r.task, r.seed) in refs]
+            pairs = [(r, refs[r.task, r.seed]) for r in by_method[method] if (r.task, r.seed) in refs]
             if not pairs:
                 continue
             row: dict[str, Any] = {"tasks": where, "method": method, "reference": reference, "pairs": len(pairs)}
             cells = []
             for name, value in keys.items():
                 ratios = np.array([value(mine) / value(ref) for mine, ref in pairs])
+                if not np.isfinite(ratios).all():  # a record without per-episode wall times
+                    row[name] = None
+                    cells.append("–")
+                    continue
                 row[name] = {"mean": float(ratios.mean()), "min": float(ratios.min()), "max": float(ratios.max())}
                 cells.append(f"{ratios.mean():.2f}× ({ratios.min():.2f}–{ratios.max():.2f})")
             label = LABELS[method] if reference == "expo" else f"{LABELS[method]} over {LABELS[reference]}"
