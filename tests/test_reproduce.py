@@ -127,7 +127,7 @@ def test_report_is_regenerated_identically_with_the_hand_computed_statistics(tmp
     (ratios,) = json.loads((args.report_dir / REPORT_JSON).read_text())["cost_vs_expo"]
     assert ratios["total FLOPs"]["mean"] == pytest.approx(0.75) and ratios["wall time"]["max"] == pytest.approx(0.8)
     assert ratios["wall s per env step, median episode"]["mean"] == pytest.approx(0.6)
-    # A record written before metrics kept per-episode wall times has no median: its ratio cell says so.
+    # A record without per-episode wall times (NaN in `Run.wall_s`) has no median, so cost_ratios writes "–".
     run = read_record(args.records / "faster_expo_task20_seed0.json")
     assert median_episode_wall_per_step(run) == pytest.approx(0.06)
     assert math.isnan(median_episode_wall_per_step(dataclasses.replace(run, wall_s=np.full(8, math.nan))))
