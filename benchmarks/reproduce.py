@@ -10,14 +10,14 @@ training episodes; only the selection rule differs between methods:
     faster_expo  FASTER-EXPO: Q^dn scores N seeds, the winner is denoised and edited
     faster_idql  ablation, selection without edit: Q^dn picks the seed, no edit step
     expo_n1      ablation, edit without selection: EXPO with N = 1
-    faster_expo_every_window, expo_every_window
-                 FASTER-EXPO and EXPO trained on the windows starting at every step, as the paper's appendix B
-                 does (`window_starts="step"`, observations rendered every step), where every other method
-                 trains on the windows starting at chunk boundaries: on CPU every-step rendering and caching
-                 cost several times a run, so the grid keeps chunk windows and these methods, run beside
-                 faster_expo and expo on one task, size what that choice changes, for each method and for
-                 the claim between them. Not in the default grid: `--tasks 20 --seeds 0 1 2 --ablations
-                 faster_expo_every_window expo_every_window --report-dir <elsewhere>`.
+    <method>_every_window (expo, faster_expo, faster_idql, expo_n1)
+                 the method trained on the windows starting at every step, as the paper's appendix B does
+                 (`window_starts="step"`, observations rendered every step), where the methods above train on
+                 the windows starting at chunk boundaries: on CPU every-step rendering and caching cost several
+                 times a run, so the default grid keeps chunk windows, and these, run beside their chunk-window
+                 twins, size what that choice changes, for each method and for the claims between them. Not in
+                 the default grid: `--tasks 20 33 --seeds 0 1 2 --ablations faster_expo_every_window
+                 expo_every_window --ablation-tasks 20 33 --report-dir <elsewhere>`.
 
 The main methods run on every `--tasks` task, the ablations on every `--ablation-tasks` task, each over
 `--seeds`. Runs with the same task and seed start training episode i from the same init state
@@ -53,15 +53,16 @@ from faster_vla.shared.jsonable import json_diff, to_jsonable
 from reproduce_report import ReportSettings, write_report
 from reproduce_run import JOB_FILE
 
-Method = Literal["base", "expo", "faster_expo", "faster_idql", "expo_n1", "faster_expo_every_window",
-                 "expo_every_window"]
-RULES: dict[str, tuple[str, int | None]] = {
+Method = Literal["base", "expo", "faster_expo", "faster_idql", "expo_n1", "expo_every_window",
+                 "faster_expo_every_window", "faster_idql_every_window", "expo_n1_every_window"]
+CHUNK_RULES: dict[str, tuple[str, int | None]] = {
     "base": ("base", 1), "expo": ("best_of_n", None), "faster_expo": ("faster", None),
-    "faster_idql": ("faster_idql", None), "expo_n1": ("best_of_n", 1), "faster_expo_every_window": ("faster", None),
-    "expo_every_window": ("best_of_n", None)}
+    "faster_idql": ("faster_idql", None), "expo_n1": ("best_of_n", 1)}
+EVERY_WINDOW: dict[str, str] = {f"{m}_every_window": m for m in CHUNK_RULES if m != "base"}
+"""Methods that train on the windows starting at every step (and so render every step) → the same method on
+chunk windows (the frozen base policy trains nothing, so it has no such twin)."""
+RULES: dict[str, tuple[str, int | None]] = {**CHUNK_RULES, **{m: CHUNK_RULES[c] for m, c in EVERY_WINDOW.items()}}
 """Each method's selection rule and its N (None: --num-candidates)."""
-EVERY_WINDOW: tuple[str, ...] = ("faster_expo_every_window", "expo_every_window")
-"""Methods that train on the windows starting at every step (and so render every step)."""
 NOT_PART_OF_THE_RUN = ("run_dir", "resume", "progress", "wandb_mode", "envs")
 """Config fields a record may differ in from the grid's: where and how a run ran, not what it ran."""
 

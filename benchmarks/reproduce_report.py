@@ -44,11 +44,27 @@ from reproduce_run import RECORD_FORMAT, RECORD_VERSION
 LABELS: dict[str, str] = {"base": "base π0.5", "expo": "EXPO", "faster_expo": "FASTER-EXPO",
                           "faster_idql": "FASTER-IDQL (selection, no edit)", "expo_n1": "EXPO N=1 (edit, no selection)",
                           "faster_expo_every_window": "FASTER-EXPO, every window",
-                          "expo_every_window": "EXPO, every window"}
+                          "expo_every_window": "EXPO, every window",
+                          "faster_idql_every_window": "FASTER-IDQL, every window",
+                          "expo_n1_every_window": "EXPO N=1, every window"}
 REFERENCES = ("base", "expo")
 """The methods every other one is compared with, pair by pair."""
-SAME_WINDOWS_REFERENCE = {"faster_expo_every_window": "expo_every_window"}
-"""Methods judged and costed against EXPO trained on the same windows too: the paper's claim on every window."""
+EVERY_WINDOW_SUFFIX = "_every_window"
+"""Names a method trained on the windows starting at every step; without it, the same method on chunk windows."""
+EQUIVALENCE_CLAIMS = (("expo", "faster_expo"), ("expo_every_window", "faster_expo_every_window"))
+"""(reference, method) of each "method ≈ reference" claim: the paper's, on chunk windows and on every window."""
+
+
+def chunk_twin(method: str) -> str | None:
+    """The chunk-window method an every-window one is judged against (None for a chunk-window method)."""
+    return method.removesuffix(EVERY_WINDOW_SUFFIX) if method.endswith(EVERY_WINDOW_SUFFIX) else None
+
+
+def same_windows_reference(method: str) -> str | None:
+    """EXPO on every window for the other every-window methods: their cost in the paper's own setting."""
+    return "expo_every_window" if chunk_twin(method) not in (None, "expo") else None
+
+
 REPORT_FILE, REPORT_JSON = "report.md", "report.json"
 
 
@@ -281,11 +297,11 @@ def compute_table(runs: list[Run]) -> list[str]:
 
 
 def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Each trained method's cost over EXPO's on the same task and seed, and each method of
-    `SAME_WINDOWS_REFERENCE` over its own reference: total and acting FLOPs, acting seconds per env step (the part
-    selection changes), wall time, and the median episode's wall time per env step (`median_episode_wall_per_step`,
-    which a busy stretch of the machine moves far less than the total); the mean ratio and its range over the
-    pairs ("–" where a record lacks per-episode wall times)."""
+    """Each trained method's cost over EXPO's on the same task and seed, and each other every-window method's
+    over EXPO on every window (`same_windows_reference`): total and acting FLOPs, acting seconds per env step (the
+    part selection changes), wall time, and the median episode's wall time per env step
+    (`median_episode_wall_per_step`, which a busy stretch of the machine moves far less than the total); the mean
+    ratio and its range over the pairs ("–" where a record lacks per-episode wall times)."""
     keys: dict[str, Callable[[Run], float]] = {
         "total FLOPs": lambda r: sum(_flops_parts(r.counters)),
         "acting FLOPs": lambda r: r.counters["acting_flops"],
@@ -296,7 +312,7 @@ def cost_ratios(tasks: dict[Any, dict[str, list[Run]]]) -> tuple[list[str], list
     rows = []
     for where, by_method in tasks.items():
         comparisons = [(m, "expo") for m in by_method if m not in ("base", "expo")]
-        comparisons += [(m, ref) for m, ref in SAME_WINDOWS_REFERENCE.items() if m in by_method]
+        comparisons += [(m, ref) for m in by_method if (ref := same_windows_reference(m))]
         for method, reference in comparisons:
             refs = {(r.task, r.seed): r for r in by_method.get(reference, [])}
             pairs = [(r, refs[r.task, r.seed]) for r in by_method[method] if (r.task, r.seed) in refs]
@@ -391,8 +407,8 @@ def verdicts(tasks: dict[Any, dict[str, list[Run]]], settings: ReportSettings) -
 
         # The paper's claim on chunk windows and on every window, and whether training on every window instead
         # of chunk windows changes each method.
-        claims = [("expo", "faster_expo"), *((ref, m) for m, ref in SAME_WINDOWS_REFERENCE.items())]
-        for ref, method in (*claims, ("faster_expo", "faster_expo_every_window"), ("expo", "expo_every_window")):
+        twins = [(twin, m) for m in by_method if (twin := chunk_twin(m))]
+        for ref, method in (*EQUIVALENCE_CLAIMS, *twins):
             x, y = pairs(ref, method)
             if not len(x):
                 continue

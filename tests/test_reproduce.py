@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from faster_vla.runs.evaluate import wilson_interval  # noqa: E402
 from faster_vla.runs.loop import episode_init_state  # noqa: E402
 from faster_vla.shared.jsonable import to_jsonable  # noqa: E402
-from reproduce import ReproduceArgs, check_records, grid, main  # noqa: E402
+from reproduce import RULES, Method, ReproduceArgs, check_records, grid, main  # noqa: E402
 from reproduce_report import (REPORT_FILE, REPORT_JSON, ReportSettings, median_episode_wall_per_step,  # noqa: E402
                               paired_difference, read_record, render)
 from reproduce_run import LOCK_FILE, dump_record, make_record, run_job  # noqa: E402
@@ -190,6 +191,33 @@ def test_every_window_pairs_train_on_every_step_and_are_judged_against_chunk_win
     assert costs["faster_expo_every_window", "expo_every_window"]["total FLOPs"]["mean"] == pytest.approx(0.75)
     assert ("| 20 | FASTER-EXPO, every window over EXPO, every window | 3 | 0.75× (0.75–0.75) | "
             "0.50× (0.50–0.50) | 0.50× (0.50–0.50) | 0.80× (0.80–0.80) |" in text)
+
+
+def test_every_window_ablations_keep_their_rule_and_are_costed_against_expo_on_every_window(tmp_path):
+    assert set(typing.get_args(Method)) == set(RULES)  # every method the CLI takes has a rule, and no other
+    args = _args(tmp_path, methods=("base", "expo"), ablations=("faster_idql", "expo_n1", "expo_every_window",
+                                                                "faster_idql_every_window", "expo_n1_every_window"),
+                 ablation_tasks=(20,), seeds=(0, 1))
+    specs = {s.name: s.config for s in grid(args)}
+    for method, rule, n in (("faster_idql", "faster_idql", 8), ("expo_n1", "best_of_n", 1)):
+        every, chunk = specs[f"{method}_every_window_task20_seed0"], specs[f"{method}_task20_seed0"]
+        assert (every.selection.rule, every.selection.num_candidates) == (rule, n)
+        assert every.selection == chunk.selection and (every.window_starts, chunk.window_starts) == ("step", "chunk")
+    table = {m: OUTCOMES["expo"] for m in ("faster_idql", "expo_n1", "expo_every_window", "expo_n1_every_window")}
+    table |= {"base": OUTCOMES["base"], "expo": OUTCOMES["expo"], "faster_idql_every_window": OUTCOMES["faster_expo"]}
+    _write_records(args, {20: table})
+    main(args)
+    report = json.loads((args.report_dir / REPORT_JSON).read_text())
+    verdicts = {r["claim"]: r for r in report["verdicts"]}
+    # Each judged against its chunk-window twin (seed 1's episodes 7-8 are FASTER-EXPO's wins alone: +2 of 8).
+    assert verdicts["faster_idql_every_window ≈ faster_idql"]["difference"] == pytest.approx(2 / 8)
+    assert verdicts["expo_n1_every_window ≈ expo_n1"]["difference"] == 0
+    # An ablation makes no "≈ EXPO" claim, on either windows; its cost is also read against EXPO on every window.
+    assert not any(c.startswith(("faster_idql", "expo_n1")) and c.endswith("≈ expo_every_window") for c in verdicts)
+    costs = {(r["method"], r["reference"]) for r in report["cost_vs_expo"]}
+    assert {("faster_idql_every_window", "expo_every_window"), ("expo_n1_every_window", "expo_every_window"),
+            ("faster_idql_every_window", "expo")} <= costs
+    assert ("expo_every_window", "expo_every_window") not in costs
 
 
 def test_paired_difference_is_newcombes_interval():
