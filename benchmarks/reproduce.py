@@ -50,7 +50,7 @@ from faster_vla.rl.selection import SelectionConfig
 from faster_vla.runs.config import TRAIN_CONFIGS, TrainConfig
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
 from faster_vla.shared.jsonable import json_diff, to_jsonable
-from reproduce_report import ReportSettings, write_report
+from reproduce_report import EVERY_WINDOW_SUFFIX, ReportSettings, write_report
 from reproduce_run import JOB_FILE
 
 Method = Literal["base", "expo", "faster_expo", "faster_idql", "expo_n1", "expo_every_window",
@@ -58,7 +58,7 @@ Method = Literal["base", "expo", "faster_expo", "faster_idql", "expo_n1", "expo_
 CHUNK_RULES: dict[str, tuple[str, int | None]] = {
     "base": ("base", 1), "expo": ("best_of_n", None), "faster_expo": ("faster", None),
     "faster_idql": ("faster_idql", None), "expo_n1": ("best_of_n", 1)}
-EVERY_WINDOW: dict[str, str] = {f"{m}_every_window": m for m in CHUNK_RULES if m != "base"}
+EVERY_WINDOW: dict[str, str] = {f"{m}{EVERY_WINDOW_SUFFIX}": m for m in CHUNK_RULES if m != "base"}
 """Methods that train on the windows starting at every step (and so render every step) → the same method on
 chunk windows (the frozen base policy trains nothing, so it has no such twin)."""
 RULES: dict[str, tuple[str, int | None]] = {**CHUNK_RULES, **{m: CHUNK_RULES[c] for m, c in EVERY_WINDOW.items()}}
