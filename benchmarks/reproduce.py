@@ -50,7 +50,7 @@ from faster_vla.rl.selection import SelectionConfig
 from faster_vla.runs.config import TRAIN_CONFIGS, TrainConfig
 from faster_vla.shared.files import atomic_write, ensure_writable_dir
 from faster_vla.shared.jsonable import json_diff, to_jsonable
-from reproduce_report import EVERY_WINDOW_SUFFIX, ReportSettings, write_report
+from reproduce_report import EVERY_WINDOW_SUFFIX, ReportSettings, chunk_twin, write_report
 from reproduce_run import JOB_FILE
 
 Method = Literal["base", "expo", "faster_expo", "faster_idql", "expo_n1", "expo_every_window",
@@ -58,11 +58,11 @@ Method = Literal["base", "expo", "faster_expo", "faster_idql", "expo_n1", "expo_
 CHUNK_RULES: dict[str, tuple[str, int | None]] = {
     "base": ("base", 1), "expo": ("best_of_n", None), "faster_expo": ("faster", None),
     "faster_idql": ("faster_idql", None), "expo_n1": ("best_of_n", 1)}
-EVERY_WINDOW: dict[str, str] = {f"{m}{EVERY_WINDOW_SUFFIX}": m for m in CHUNK_RULES if m != "base"}
-"""Methods that train on the windows starting at every step (and so render every step) → the same method on
-chunk windows (the frozen base policy trains nothing, so it has no such twin)."""
-RULES: dict[str, tuple[str, int | None]] = {**CHUNK_RULES, **{m: CHUNK_RULES[c] for m, c in EVERY_WINDOW.items()}}
-"""Each method's selection rule and its N (None: --num-candidates)."""
+RULES: dict[str, tuple[str, int | None]] = {
+    **CHUNK_RULES, **{f"{m}{EVERY_WINDOW_SUFFIX}": rule for m, rule in CHUNK_RULES.items() if m != "base"}}
+"""Each method's selection rule and its N (None: --num-candidates). A method named with EVERY_WINDOW_SUFFIX
+trains on the windows starting at every step (and so renders every step) with its chunk-window twin's rule;
+the frozen base policy trains nothing, so it has no such twin."""
 NOT_PART_OF_THE_RUN = ("run_dir", "resume", "progress", "wandb_mode", "envs")
 """Config fields a record may differ in from the grid's: where and how a run ran, not what it ran."""
 
@@ -154,11 +154,12 @@ def grid(args: ReproduceArgs) -> list[RunSpec]:
             n = args.num_candidates if n is None else n
             name = f"{method}_task{task}_seed{seed}"
             env = dataclasses.replace(base.env, task=task)
-            if method in EVERY_WINDOW:
+            every_window = chunk_twin(method) is not None
+            if every_window:
                 env = dataclasses.replace(env, render_mode="every_step")
             config = dataclasses.replace(
                 base, run_dir=args.out / name, seed=seed, env=env,
-                window_starts="step" if method in EVERY_WINDOW else base.window_starts,
+                window_starts="step" if every_window else base.window_starts,
                 selection=SelectionConfig(rule, n, 0.0), cache_seeds=max(base.cache_seeds, n),
                 episodes=args.episodes, env_step_budget=args.env_step_budget, eval_every=0,
                 eval_episodes=args.eval_episodes or base.eval_episodes, progress=False, wandb_mode="disabled")
