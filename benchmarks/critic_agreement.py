@@ -9,11 +9,15 @@ denoised from each (the frozen-actor cache), so both critics score the same K ca
 
 Not a test (it reads run folders, ~1 min a run). Per decision state (windows starting at chunk boundaries of
 the last --episodes stored episodes), with the run's final target critics, pessimistic as acting uses them
-(each state its own random pair of members, `min_of_random_pair`):
+(each state its own random pair of members, minimum of the two):
 
     agreement     Q^dn's argmax is Q^a's argmax (chance: 1/K)
     captured      Σ (Q^a of Q^dn's pick − mean Q^a) / Σ (max Q^a − mean Q^a): the share of best-of-K's gain
                   over a random seed, by Q^a's own account, that Q^dn's pick gets (0: a random seed; 1: Q^a's)
+    held out      the same share with both picks valued by two other members of Q^a (critics of >= 4 members):
+                  Q^a's own account favours its own argmax, which is partly the chosen pair's noise (the
+                  winner's curse), so `captured` understates Q^dn's pick; the held-out pair does not know
+                  which seed either critic chose
     spearman      rank correlation of the K scores, mean over states
     spread        Q^a's standard deviation over the K chunks (what choosing a seed can gain), against
     error         the standard deviation over K of Q^dn − Q^a (Q^dn's error within a state, its offset removed),
@@ -40,7 +44,6 @@ import numpy as np
 import tyro
 
 from bench_common import write_result
-from faster_vla.critics.networks import min_of_random_pair
 from faster_vla.rl.batches import to_learner_batch
 from faster_vla.rl.learner import Learner
 from faster_vla.rl.replay import ChunkBatch, ReplayBuffer
@@ -48,7 +51,8 @@ from faster_vla.runs.checkpoint import REPLAY_FILE, REPLAY_ITEM, RunCheckpointer
 from faster_vla.runs.loading import load_run
 from faster_vla.shared.files import atomic_write
 
-SUMS = ("states", "agree", "gain_pick", "gain_best", "spearman", "spread", "error", "q_mean", "q_mean_sq")
+SUMS = ("states", "agree", "gain_pick", "gain_best", "held_pick", "held_best", "spearman", "spread", "error",
+        "q_mean", "q_mean_sq")
 """Per-episode sums a cell keeps: states, then each per-state quantity summed over the episode's states."""
 
 
@@ -84,22 +88,29 @@ class AgreementArgs:
 # -- the measure, per state ------------------------------------------------------------------------------------
 
 
-def per_state(q_noise: np.ndarray, q_chunk: np.ndarray) -> dict[str, np.ndarray]:
-    """q_noise, q_chunk [S, K]: each state's pessimistic Q^dn of its K noises and Q^a of their chunks -> per-state
-    quantities [S] (see the module docstring), summed per episode by `episode_sums`."""
+def per_state(q_noise: np.ndarray, q_chunk: np.ndarray, q_held: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """q_noise, q_chunk [S, K]: each state's pessimistic Q^dn of its K noises and Q^a of their chunks; q_held [S, K]
+    Q^a by two other members (None: NaN held-out sums) -> per-state quantities [S] (see the module docstring),
+    summed per episode by `episode_sums`."""
     if q_noise.shape != q_chunk.shape or q_noise.ndim != 2:
         raise ValueError(f"q_noise and q_chunk must both be [states, K]; got {q_noise.shape} and {q_chunk.shape}")
+    if q_held is not None and q_held.shape != q_chunk.shape:
+        raise ValueError(f"q_held must be [states, K] = {q_chunk.shape} like q_chunk; got {q_held.shape}")
     if q_noise.shape[1] < 2:
         raise ValueError(f"a state needs K >= 2 candidates to rank; the cache holds {q_noise.shape[1]}")
     q_noise, q_chunk = q_noise.astype(np.float64), q_chunk.astype(np.float64)
     pick = np.argmax(q_noise, axis=1)  # [S] the seed FASTER denoises
+    best = np.argmax(q_chunk, axis=1)  # [S] the seed best-of-K keeps
     mean = q_chunk.mean(axis=1)
+    held = np.full_like(q_chunk, np.nan) if q_held is None else q_held.astype(np.float64)
+    held_value = lambda idx: np.take_along_axis(held, idx[:, None], axis=1)[:, 0] - held.mean(axis=1)  # noqa: E731
     ranks = lambda q: np.argsort(np.argsort(q, axis=1), axis=1).astype(np.float64)  # noqa: E731
     rn, ra = ranks(q_noise), ranks(q_chunk)
     rn, ra = rn - rn.mean(axis=1, keepdims=True), ra - ra.mean(axis=1, keepdims=True)
-    return {"agree": (pick == np.argmax(q_chunk, axis=1)).astype(np.float64),
+    return {"agree": (pick == best).astype(np.float64),
             "gain_pick": np.take_along_axis(q_chunk, pick[:, None], axis=1)[:, 0] - mean,
             "gain_best": q_chunk.max(axis=1) - mean,
+            "held_pick": held_value(pick), "held_best": held_value(best),
             "spearman": (rn * ra).sum(axis=1) / np.sqrt((rn ** 2).sum(axis=1) * (ra ** 2).sum(axis=1)),
             "spread": q_chunk.std(axis=1),
             "error": (q_noise - q_chunk).std(axis=1),
@@ -124,16 +135,21 @@ def summary(episodes: list[dict[str, float]], k: int, rng: np.random.Generator, 
         tot = dict(zip(SUMS, t.sum(axis=0)))
         n = tot["states"]
         between = max(tot["q_mean_sq"] / n - (tot["q_mean"] / n) ** 2, 0.0)
-        return {"agreement": tot["agree"] / n, "captured": tot["gain_pick"] / max(tot["gain_best"], 1e-12),
-                "spearman": tot["spearman"] / n, "spread": tot["spread"] / n, "error": tot["error"] / n,
-                "between": float(np.sqrt(between))}
+        ratio = lambda num, den: num / den if den > 0 else np.nan  # noqa: E731  (NaN: no gain to share)
+        return {"agreement": tot["agree"] / n, "captured": ratio(tot["gain_pick"], tot["gain_best"]),
+                "held_out": ratio(tot["held_pick"], tot["held_best"]), "held_pick": tot["held_pick"] / n,
+                "held_best": tot["held_best"] / n, "spearman": tot["spearman"] / n, "spread": tot["spread"] / n,
+                "error": tot["error"] / n, "between": float(np.sqrt(between))}
 
     point = measures(table)
     boot = [measures(table[rng.integers(0, len(table), len(table))]) for _ in range(resamples)]
     ci = {m: [float(np.percentile([b[m] for b in boot], 2.5)), float(np.percentile([b[m] for b in boot], 97.5))]
-          for m in ("agreement", "captured", "spearman")}
+          for m in ("agreement", "captured", "held_out", "spearman")}
+    # NaN (no held-out members, or no gain to share) is written as None: JSON has no NaN.
+    clean = lambda v: None if np.isnan(v) else float(v)  # noqa: E731
     return {"episodes": len(episodes), "states": int(table[:, 0].sum()), "k": k, "chance": 1.0 / k,
-            **{m: float(v) for m, v in point.items()}, "ci95": ci}
+            **{m: clean(v) for m, v in point.items()},
+            "ci95": {m: None if np.isnan(v).any() else v for m, v in ci.items()}}
 
 
 # -- reading a run ---------------------------------------------------------------------------------------------
@@ -141,12 +157,19 @@ def summary(episodes: list[dict[str, float]], k: int, rng: np.random.Generator, 
 
 @jax.jit
 def _scores(learner: Learner, inputs: dict, noise: jax.Array, chunks: jax.Array, keys: jax.Array) -> tuple:
-    """Pessimistic target Q^dn of noise [B, K, H, Ad] and Q^a of chunks [B, K, H, A] -> ([B, K], [B, K]), each
-    state with its own member pairs (keys [B, 2])."""
+    """Target Q^dn of noise [B, K, H, Ad] and Q^a of chunks [B, K, H, A] -> [B, K] each: Q^dn by the min of a
+    random pair of its members, Q^a by the min of a random pair and (held out) by the min of two other members
+    (NaN with fewer than 4); each state its own draws (keys [B, 2])."""
     q_dn = learner.noise_critic.apply_fn(learner.noise_target, inputs, noise)  # [E, B, K]
     q_a = learner.chunk_critic.apply_fn(learner.chunk_target, inputs, chunks)  # [E, B, K]
-    pessimistic = jax.vmap(min_of_random_pair, in_axes=(1, 0))  # per state: [E, K], key -> [K]
-    return pessimistic(q_dn, keys[:, 0]), pessimistic(q_a, keys[:, 1])
+
+    def pairs(q: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:  # one state: [E, K] -> [K], [K]
+        order = jax.random.permutation(key, q.shape[0])  # a uniform ordered pair first, then two others
+        held = jnp.minimum(q[order[2]], q[order[3]]) if q.shape[0] >= 4 else jnp.full(q.shape[1:], jnp.nan)
+        return jnp.minimum(q[order[0]], q[order[1]]), held
+
+    (dn, _), (a, held) = (jax.vmap(pairs, in_axes=(1, 0))(q, k) for q, k in ((q_dn, keys[:, 0]), (q_a, keys[:, 1])))
+    return dn, a, held
 
 
 def decision_states(replay: ReplayBuffer, horizon: int, gamma: float, episodes: int) -> ChunkBatch:
@@ -170,16 +193,15 @@ def measure_run(run_dir: Path, args: AgreementArgs) -> dict[str, Any]:
         raise ValueError(f"{run_dir}: its replay caches {k} seed per state; ranking needs K >= 2")
     batch = to_learner_batch(states, 1, features=lconfig.chunk_critic.encoder.kind == "backbone")
     keys = jax.random.split(jax.random.key(args.seed), 2 * states.size).reshape(states.size, 2)
-    q_noise, q_chunk = [], []
+    scores: list[tuple[np.ndarray, ...]] = []
     for lo in range(0, states.size, args.batch_size):
         part = slice(lo, lo + args.batch_size)
         inputs = jax.tree.map(lambda x: x[0, part], batch["inputs"])
         noise = batch["cache"]["noise"][0, part]
         chunks = batch["cache"]["denoised"][0, part, ..., : lconfig.action_dim]  # the robot dims critics see
-        dn, a = _scores(learner, inputs, noise, chunks, keys[part])
-        q_noise.append(np.asarray(dn))
-        q_chunk.append(np.asarray(a))
-    per = per_state(np.concatenate(q_noise), np.concatenate(q_chunk))
+        scores.append(tuple(np.asarray(x) for x in _scores(learner, inputs, noise, chunks, keys[part])))
+    q_noise, q_chunk, q_held = (np.concatenate(x) for x in zip(*scores))
+    per = per_state(q_noise, q_chunk, None if np.isnan(q_held).all() else q_held)
     return {"run": Path(run_dir).name, "task": config.env.task, "rule": config.selection.rule,
             "window_starts": config.window_starts, "seed": config.seed, "checkpoint": episode, "k": k,
             "episodes": episode_sums(states.episode, per)}
@@ -228,24 +250,30 @@ def report(args: AgreementArgs) -> dict[str, Any]:
         pooled.append({"task": task, "method": method, "seeds": sorted(c["seed"] for c in members),
                        **summary([e for c in members for e in c["episodes"]], ks.pop(), rng)})
 
-    def row(r: dict[str, Any], first: str) -> str:
-        ci = r["ci95"]
-        return (f"| {first} | {r['states']} | {100 * r['agreement']:.0f} % [{100 * ci['agreement'][0]:.0f}, "
-                f"{100 * ci['agreement'][1]:.0f}] (chance {100 * r['chance']:.1f}) | {r['captured']:+.2f} "
-                f"[{ci['captured'][0]:+.2f}, {ci['captured'][1]:+.2f}] | {r['spearman']:+.2f} "
-                f"[{ci['spearman'][0]:+.2f}, {ci['spearman'][1]:+.2f}] | {r['spread']:.4f} | {r['error']:.4f} | "
-                f"{r['between']:.4f} |")
+    def with_ci(r: dict[str, Any], m: str, fmt: str, scale: float = 1.0) -> str:
+        if r[m] is None:
+            return "–"
+        ci = r["ci95"][m]
+        interval = "" if ci is None else f" [{format(scale * ci[0], fmt)}, {format(scale * ci[1], fmt)}]"
+        return format(scale * r[m], fmt) + interval
 
-    head = ("| {} | states | Q^dn's pick is Q^a's (95 %) | captured (95 %) | Spearman (95 %) | Q^a spread | "
-            "Q^dn error | Q^a between states |")
-    rule = "|---|---|---|---|---|---|---|---|"
+    def row(r: dict[str, Any], first: str) -> str:
+        return (f"| {first} | {r['states']} | {with_ci(r, 'agreement', '.0f', 100)} (chance {100 * r['chance']:.1f}) | "
+                f"{with_ci(r, 'captured', '+.2f')} | {with_ci(r, 'held_out', '+.2f')} | "
+                f"{with_ci(r, 'spearman', '+.2f')} | {r['spread']:.4f} | {r['error']:.4f} | {r['between']:.4f} |")
+
+    head = ("| {} | states | Q^dn's pick is Q^a's, % (95 %) | captured (95 %) | held out (95 %) | Spearman (95 %) | "
+            "Q^a spread | Q^dn error | Q^a between states |")
+    rule = "|---|---|---|---|---|---|---|---|---|"
     lines = ["# Does the noise critic pick the seed the chunk critic would?", "",
              "Generated by `benchmarks/critic_agreement.py --report-only` from the cells in `cells/` (each run's "
              f"final target critics, pessimistic as acting uses them; the decision states of the last {args.episodes} "
              "stored episodes; the K noises and chunks of the frozen-actor cache). Captured: the share of "
-             "best-of-K's Q^a gain over a random seed that Q^dn's pick gets (0 random, 1 Q^a's own choice). "
-             "Spread, error and between: standard deviations of Q^a over a state's K chunks, of Q^dn − Q^a within "
-             "a state, and of Q^a's state mean between states. Intervals: bootstrap over episodes.", "",
+             "best-of-K's Q^a gain over a random seed that Q^dn's pick gets (0 random, 1 Q^a's own choice), by the "
+             "Q^a members that chose; held out: the same share with both picks valued by two other members, which "
+             "do not share the choosing pair's noise. Spread, error and between: standard deviations of Q^a over "
+             "a state's K chunks, of Q^dn − Q^a within a state, and of Q^a's state mean between states. "
+             "Intervals: bootstrap over episodes.", "",
              "## Pooled over seeds", "", head.format("task, method (seeds)"), rule]
     lines += [row(p, f"{p['task']}, {p['method']} ({', '.join(map(str, p['seeds']))})") for p in pooled]
     lines += ["", "## Per run", "", head.format("run"), rule]

@@ -46,9 +46,26 @@ def test_a_noise_critic_that_ranks_as_the_chunk_critic_agrees_and_captures_every
     assert abs(unrelated["gain_pick"].sum() / unrelated["gain_best"].sum()) < 0.03
 
 
+def test_held_out_members_undo_the_winners_curse_of_the_choosing_pair():
+    """Q^a's choosing pair and two held-out members see the same true values with their own noise: by the
+    choosing pair, its own argmax looks better than it is, so `captured` understates a good Q^dn; valued by the
+    held-out pair, a Q^dn as good as the choosing pair captures about all of its gain."""
+    rng = np.random.default_rng(3)
+    true = rng.normal(size=(20_000, 8))
+    noisy = lambda: true + rng.normal(size=true.shape)  # noqa: E731  (noise as large as the spread)
+    per = per_state(noisy(), noisy(), noisy())
+    captured = per["gain_pick"].sum() / per["gain_best"].sum()
+    held_out = per["held_pick"].sum() / per["held_best"].sum()
+    # 20,000 states: both shares within a few hundredths of their expectations (about 0.5 and 1).
+    assert captured < 0.6 and held_out == pytest.approx(1.0, abs=0.05)
+    assert np.isnan(per_state(true, true)["held_pick"]).all()  # no held-out members: NaN, never a number
+
+
 def test_bad_scores_are_refused_with_the_shapes():
     with pytest.raises(ValueError, match=r"\[states, K\].*\(4, 8\).*\(4, 7\)"):
         per_state(np.zeros((4, 8)), np.zeros((4, 7)))
+    with pytest.raises(ValueError, match=r"q_held must be \[states, K\] = \(4, 8\).*\(4, 6\)"):
+        per_state(np.zeros((4, 8)), np.zeros((4, 8)), np.zeros((4, 6)))
     with pytest.raises(ValueError, match="K >= 2"):
         per_state(np.zeros((4, 1)), np.zeros((4, 1)))
     with pytest.raises(ValueError, match="--episodes must be >= 1, got 0"):
@@ -61,14 +78,16 @@ def test_pooled_measures_weigh_every_state_once():
     rng = np.random.default_rng(1)
     q_chunk = rng.normal(size=(30, 4))
     q_noise = q_chunk + rng.normal(scale=0.5, size=(30, 4))
+    q_held = q_chunk + rng.normal(scale=0.5, size=(30, 4))
     episode = np.repeat([0, 1, 2], [3, 7, 20])
-    per = per_state(q_noise, q_chunk)
+    per = per_state(q_noise, q_chunk, q_held)
     out = summary(episode_sums(episode, per), 4, np.random.default_rng(0), resamples=200)
     assert out["states"] == 30 and out["episodes"] == 3 and out["chance"] == 0.25
     assert out["agreement"] == pytest.approx(per["agree"].mean())
     assert out["captured"] == pytest.approx(per["gain_pick"].sum() / per["gain_best"].sum())
+    assert out["held_out"] == pytest.approx(per["held_pick"].sum() / per["held_best"].sum())
     assert out["between"] == pytest.approx(q_chunk.mean(axis=1).std())
-    for m in ("agreement", "captured", "spearman"):
+    for m in ("agreement", "captured", "held_out", "spearman"):
         lo, hi = out["ci95"][m]
         assert lo <= out[m] <= hi
 
@@ -132,4 +151,5 @@ def test_a_run_folder_is_read_end_to_end(tmp_path):
     assert written["episodes"] == json.loads(json.dumps(cell["episodes"]))
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"| {run.name} | 5 |" in report
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]["held_out"] is None  # 2 members
     assert "| 0, FASTER-EXPO, chunk windows (0) | 5 |" in report  # task 0, trained on chunk windows, seed 0
