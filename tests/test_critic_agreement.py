@@ -153,3 +153,17 @@ def test_a_run_folder_is_read_end_to_end(tmp_path):
     assert f"| {run.name} | 5 |" in report
     assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]["held_out"] is None  # 2 members
     assert "| 0, FASTER-EXPO, chunk windows (0) | 5 |" in report  # task 0, trained on chunk windows, seed 0
+
+
+def test_the_committed_report_regenerates_from_its_cells(tmp_path):
+    """docs/reproduction.md quotes benchmarks/results/reproduce/agreement/report.md: `--report-only` rebuilds it
+    byte for byte from the committed cells (a fixed bootstrap seed; sums, not floats from XLA)."""
+    committed = BENCHMARKS / "results" / "reproduce" / "agreement"
+    if not (committed / "cells").is_dir():
+        pytest.skip("no committed agreement cells")
+    out = tmp_path / "agreement"
+    (out / "cells").mkdir(parents=True)
+    for cell in (committed / "cells").glob("*.json"):
+        (out / "cells" / cell.name).write_bytes(cell.read_bytes())
+    main(AgreementArgs(out=out, report_only=True))
+    assert (out / "report.md").read_text() == (committed / "report.md").read_text()
