@@ -122,14 +122,16 @@ def episode_sums(episode: np.ndarray, states: dict[str, np.ndarray]) -> list[dic
     out = []
     for e in np.unique(episode):
         mine = episode == e
+        sums = {k: float(states[k][mine].sum()) for k in SUMS if k != "states"}
+        # NaN (no held-out members) as None: strict JSON has no NaN.
         out.append({"episode": int(e), "states": int(mine.sum())}
-                   | {k: float(states[k][mine].sum()) for k in SUMS if k != "states"})
+                   | {k: None if np.isnan(v) else v for k, v in sums.items()})
     return out
 
 
 def summary(episodes: list[dict[str, float]], k: int, rng: np.random.Generator, resamples: int = 2000) -> dict:
     """A run's (or a pool's) measures from per-episode sums, with 95 % bootstrap intervals over episodes."""
-    table = np.array([[e[s] for s in SUMS] for e in episodes])  # [E, len(SUMS)]
+    table = np.array([[np.nan if e[s] is None else e[s] for s in SUMS] for e in episodes])  # [E, len(SUMS)]
 
     def measures(t: np.ndarray) -> dict[str, float]:
         tot = dict(zip(SUMS, t.sum(axis=0)))
