@@ -221,8 +221,9 @@ def finished_runs(args: AgreementArgs) -> list[Path]:
             continue
         if json.loads(config.read_text())["selection"]["rule"] not in ("faster", "best_of_n"):
             continue
-        if RunCheckpointer(d / "checkpoints").latest_episode is not None:
-            out.append(d)
+        with RunCheckpointer(d / "checkpoints") as checkpointer:  # closes its checkpoint manager again
+            if checkpointer.latest_episode is not None:
+                out.append(d)
     return out
 
 
